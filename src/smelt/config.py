@@ -1,0 +1,371 @@
+"""The recipe: one YAML file, validated by pydantic before any work starts.
+
+Every field carries its default, unit and one line of documentation where it is declared.
+`load_recipe(path, overrides)` reads YAML with ``safe_load``, applies ``--set a.b=c``
+overrides (values parsed as YAML scalars/lists; list items addressed by index, e.g.
+``data.inputs.0.domain=wiki``), and validates. A wrong key, type or value raises
+`RecipeError` naming the key path and, where they are known, the allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the key path and what is allowed."""
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# data: inputs and outputs
+
+
+class InputSource(Strict):
+    """One input: a file, a directory, a glob or an fsspec URL, all with one domain label."""
+
+    path: str = Field(description="File, directory, glob pattern or fsspec URL (s3://, gs://, ...).")
+    domain: str = Field(description="Domain label carried by every document (web, books, wiki, code, zh-wiki, ...).")
+    format: Literal["auto", "txt", "jsonl", "parquet", "warc", "html", "json-squad"] = Field(
+        "auto", description="File format; auto picks by extension (.txt, .jsonl[.gz|.zst], .parquet, .warc[.gz], .html).")
+    glob: str = Field("**/*", description="Pattern for files inside a directory path.")
+    text_field: str = Field("text", description="Field holding the text; `content` is tried when it is missing.")
+    id_field: str = Field("id", description="Field holding the document id; absent ids become `<source>/<file>:<n>`.")
+    txt_split: Literal["file", "paragraph"] = Field(
+        "file", description="Plain text: one document per file, or one per blank-line-separated block.")
+    name: str | None = Field(None, description="Source name used in generated ids; defaults to the file stem.")
+    limit: int | None = Field(None, ge=1, description="Read at most this many documents per file (demos, smoke tests).")
+
+
+class StepConfig(Strict):
+    """Fields shared by every step: on/off and which domains it applies to."""
+
+    enabled: bool = Field(True, description="Run this step.")
+    domains: list[str] | None = Field(None, description="Apply only to these domains (None: all).")
+    skip_domains: list[str] = Field(default_factory=list, description="Never apply to these domains.")
+
+    def applies_to(self, domain: str) -> bool:
+        if not self.enabled or domain in self.skip_domains:
+            return False
+        return self.domains is None or domain in self.domains
+
+
+class NormalizeConfig(StepConfig):
+    form: Literal["NFC", "NFKC", "none"] = Field(
+        "NFC", description="Unicode normalization; NFKC also folds full-width ASCII (ＡＢＣ１２３) to ASCII.")
+    strip_control: bool = Field(True, description="Remove C0/C1 control and zero-width characters (keeps \\n and \\t).")
+    whitespace: bool = Field(True, description="Trim line ends, collapse runs of spaces and of more than 2 blank lines.")
+    zh_convert: Literal["none", "t2s"] = Field(
+        "none", description="Convert Traditional to Simplified Chinese (OpenCC t2s).")
+
+
+class LanguageConfig(StepConfig):
+    allowed: list[str] = Field(default_factory=lambda: ["en", "zh"],
+                               description="ISO 639-1 codes to keep; others are rejected as `lang_<code>`.")
+    threshold: float = Field(0.5, ge=0.0, le=1.0,
+                             description="Minimum normalized probability of the top language.")
+    candidates: list[str] | None = Field(
+        None, description="Restrict the identifier to these languages (more accurate on short text); None: all 97.")
+    max_chars: int = Field(2000, ge=100, description="Classify this many leading characters (speed).")
+
+
+class GopherQualityConfig(StepConfig):
+    # Thresholds: Gopher, Rae et al. 2021, Appendix A.1.1 (as implemented in datatrove).
+    min_doc_words: int = Field(50, description="Fewer words: reject `gopher_short_doc`.")
+    max_doc_words: int = Field(100_000, description="More words: reject `gopher_long_doc`.")
+    min_avg_word_length: float = Field(3, description="Mean word length below this (characters): reject.")
+    max_avg_word_length: float = Field(10, description="Mean word length above this (characters): reject.")
+    max_symbol_word_ratio: float = Field(0.1, description="'#' and '...' per word above this: reject.")
+    max_bullet_lines_ratio: float = Field(0.9, description="Share of lines starting with a bullet above this: reject.")
+    max_ellipsis_lines_ratio: float = Field(0.3, description="Share of lines ending with an ellipsis above this: reject.")
+    max_non_alpha_words_ratio: float = Field(
+        0.8, description="Share of words with at least one letter below this: reject (Gopher: 80%).")
+    min_stop_words: int = Field(2, description="Fewer distinct stop words (the, be, to, of, and, that, have, with): reject.")
+    # Chinese-aware variant (text without spaces): characters stand in for words.
+    zh_min_doc_chars: int = Field(100, description="CJK documents: fewer non-space characters: reject `gopher_short_doc`.")
+    zh_max_doc_chars: int = Field(200_000, description="CJK documents: more non-space characters: reject `gopher_long_doc`.")
+    zh_min_stop_words: int = Field(2, description="CJK documents: fewer distinct Chinese function words (的 了 是 在 和 ...): reject.")
+    zh_min_cjk_ratio: float = Field(0.3, description="A document with at least this share of CJK characters gets the CJK rules.")
+
+
+class GopherRepetitionConfig(StepConfig):
+    # Gopher, Rae et al. 2021, Table A1.
+    dup_line_frac: float = Field(0.3, description="Share of duplicated lines above this: reject.")
+    dup_para_frac: float = Field(0.3, description="Share of duplicated paragraphs above this: reject.")
+    dup_line_char_frac: float = Field(0.2, description="Share of characters in duplicated lines above this: reject.")
+    dup_para_char_frac: float = Field(0.2, description="Share of characters in duplicated paragraphs above this: reject.")
+    top_n_grams: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)],
+        description="(n, max share of characters covered by the most frequent n-gram).")
+    dup_n_grams: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
+        description="(n, max share of characters covered by duplicated n-grams).")
+    zh_top_n_grams: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)],
+        description="CJK documents: as top_n_grams, over CJK-aware word tokens (one per Han character).")
+    zh_dup_n_grams: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
+        description="CJK documents: as dup_n_grams, over CJK-aware word tokens.")
+
+
+class C4Config(StepConfig):
+    # C4, Raffel et al. 2020, Section 2.2 (datatrove C4QualityFilter defaults).
+    split_paragraph: bool = Field(True, description="Apply line rules per newline-separated line.")
+    remove_citations: bool = Field(True, description="Remove Wikipedia-style citation marks like [1], [edit].")
+    filter_no_terminal_punct: bool = Field(True, description="Drop lines that do not end in terminal punctuation (incl. 。！？).")
+    min_num_sentences: int = Field(5, description="Fewer sentences left: reject `c4_too_few_sentences` (-1 disables).")
+    min_words_per_line: int = Field(3, description="Drop lines with fewer words (CJK: characters / 2 count as words).")
+    max_word_length: int = Field(1000, description="Drop lines with a longer word (characters).")
+    filter_lorem_ipsum: bool = Field(True, description="Reject documents containing 'lorem ipsum'.")
+    filter_javascript: bool = Field(True, description="Drop lines mentioning 'javascript'.")
+    filter_curly_bracket: bool = Field(True, description="Reject documents containing '{' (code-like).")
+    filter_policy: bool = Field(True, description="Drop lines with cookie/terms-of-use/privacy-policy boilerplate.")
+
+
+class FineWebConfig(StepConfig):
+    # FineWeb, Penedo et al. 2024, Section 3.4 (datatrove FineWebQualityFilter defaults).
+    line_punct_thr: float = Field(0.12, description="Share of lines ending in punctuation below this: reject.")
+    line_punct_exclude_zero: bool = Field(False, description="Do not reject documents with no punctuated line at all.")
+    short_line_thr: float = Field(0.67, description="Share of short lines above this: reject.")
+    short_line_length: int = Field(30, description="A line shorter than this (characters) is short; CJK: 15.")
+    char_duplicates_ratio: float = Field(0.01, description="Share of characters in duplicated lines above this: reject.")
+    new_line_ratio: float = Field(0.3, description="Newlines per word above this: reject (CJK: per 2 characters).")
+
+
+class HeuristicsConfig(Strict):
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+
+
+class BlocklistConfig(StepConfig):
+    words: list[str] = Field(default_factory=list, description="Blocked words/phrases (Latin: whole word, case-insensitive; CJK: substring).")
+    files: list[str] = Field(default_factory=list, description="Files with one blocked word/phrase per line (# comments).")
+    min_hits: int = Field(1, ge=1, description="Reject when at least this many blocked occurrences are found.")
+
+
+class PIIConfig(StepConfig):
+    types: list[Literal["email", "phone", "id_card", "bank_card", "ip"]] = Field(
+        default_factory=lambda: ["email", "phone", "id_card", "bank_card", "ip"],
+        description="PII kinds to replace by typed tokens (<EMAIL>, <PHONE>, <ID_NUM>, <BANK_CARD>, <IP>).")
+    boilerplate: bool = Field(True, description="Remove repost/source boilerplate lines (转载自…, 本文来源…, 'Originally published at').")
+
+
+class DecontamSource(Strict):
+    name: str = Field(description="Benchmark name reported for each removed document.")
+    path: str = Field(description="File or directory of the evaluation set.")
+    format: Literal["auto", "hellaswag", "piqa", "arc", "lambada", "ceval", "jsonl", "text"] = Field(
+        "auto", description="Layout of the evaluation set; auto guesses from the file name.")
+
+
+class DecontamConfig(StepConfig):
+    ngram: int = Field(13, ge=3, description="n-gram length in words (CJK: characters); 13 as in GPT-3, Brown et al. 2020.")
+    min_matches: int = Field(1, ge=1, description="Reject when at least this many distinct eval n-grams occur in the document.")
+    sources: list[DecontamSource] = Field(default_factory=list, description="Evaluation sets to protect.")
+
+
+class ExactDedupConfig(StepConfig):
+    pass
+
+
+class MinHashConfig(StepConfig):
+    # FineWeb: 5-gram word shingles, 112 hashes = 14 bands x 8 rows (Jaccard ~0.75 at 50% merge chance).
+    ngram: int = Field(5, ge=1, description="Shingle length in words.")
+    cjk_ngram: int = Field(5, ge=1, description="Shingle length in characters for CJK text.")
+    bands: int = Field(14, ge=1, description="LSH bands.")
+    rows: int = Field(8, ge=1, description="Hashes per band.")
+    seed: int = Field(1, description="Seed of the hash permutations.")
+    verify_jaccard: float | None = Field(
+        None, ge=0.0, le=1.0, description="If set, only merge candidate pairs whose true shingle Jaccard is at least this.")
+
+
+class LineDedupConfig(StepConfig):
+    mode: Literal["lines", "sentences"] = Field("lines", description="Unit: lines, or spans of 3 sentences (C4).")
+    max_repeats: int = Field(1, ge=1, description="A unit seen in more than this many documents is repeated.")
+    keep_first: bool = Field(True, description="Keep a repeated unit in its first document (corpus order), remove it elsewhere.")
+    min_chars: int = Field(20, ge=1, description="Shorter units are never removed.")
+    skip_domains: list[str] = Field(default_factory=lambda: ["code"], description="Never apply to these domains.")
+
+
+class DedupConfig(Strict):
+    exact: ExactDedupConfig = Field(default_factory=ExactDedupConfig)
+    minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    lines: LineDedupConfig = Field(default_factory=LineDedupConfig)
+
+
+class DataConfig(Strict):
+    """`data:` the curation stage (`smelt data`)."""
+
+    inputs: list[InputSource] = Field(description="Input sources, each with a domain label.")
+    output_format: Literal["jsonl.zst", "parquet"] = Field("jsonl.zst", description="Format of kept/rejects/duplicates shards.")
+    workers: int = Field(0, ge=0, description="Worker processes; 0 = number of CPU cores.")
+    files_per_task: int = Field(1, ge=1, description="Input files grouped into one task (many small .txt files).")
+    max_doc_chars: int = Field(1_000_000, ge=1, description="Longer documents are rejected at read time (`too_long`).")
+    min_doc_chars: int = Field(1, ge=1, description="Shorter documents (after stripping) are rejected as `empty`.")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
+    blocklist: BlocklistConfig = Field(default_factory=lambda: BlocklistConfig(enabled=False))
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+
+    @field_validator("inputs")
+    @classmethod
+    def _non_empty(cls, v: list[InputSource]) -> list[InputSource]:
+        if not v:
+            raise ValueError("at least one input source is required")
+        return v
+
+
+class Recipe(Strict):
+    """A whole job. Stages read their own section."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name: the run directory is <runs_dir>/<name>.")
+    runs_dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory).")
+    seed: int = Field(1234, description="Global seed.")
+    data: DataConfig | None = Field(None, description="Curation stage.")
+
+    @model_validator(mode="after")
+    def _has_stage(self) -> Recipe:
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------
+# loading, overrides, errors
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_index(node, part, path)]
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {path!r} is not a section")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"--set {key}: parent is not a section")
+
+
+def _index(lst: list, part: str, path: str) -> int:
+    try:
+        i = int(part)
+        lst[i]
+        return i
+    except (ValueError, IndexError):
+        raise RecipeError(f"--set: {path!r} needs a list index 0..{len(lst) - 1}") from None
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """Walk the schema along an error location to the model that owns the failing key."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return None
+        field = cur.model_fields.get(part)
+        if field is None:
+            return cur
+        cur = _unwrap(field.annotation)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    for arg in (typing.get_args(tp) or ()):
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return tp
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<recipe>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(root, loc[:-1])
+            allowed = sorted(owner.model_fields) if owner else []
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {path}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict) else ""))
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
+def parse_recipe(tree: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    tree = copy.deepcopy(tree or {})
+    if not isinstance(tree, dict):
+        raise RecipeError("invalid recipe: the top level must be a mapping of sections")
+    for ov in overrides or []:
+        apply_override(tree, ov)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file (``None``: an empty recipe plus overrides)."""
+    tree: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{p}: not valid YAML: {e}") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"{p}: not UTF-8 text") from None
+    return parse_recipe(tree, overrides)
+
+
+def recipe_to_dict(recipe: BaseModel) -> dict[str, Any]:
+    return json.loads(recipe.model_dump_json())
+
+
+def config_hash(section: BaseModel | dict[str, Any]) -> str:
+    """Stable short hash of a config section (manifests use it to decide whether to redo work)."""
+    d = recipe_to_dict(section) if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
