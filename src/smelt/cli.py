@@ -1,0 +1,161 @@
+"""The `smelt` command. Each verb parses, validates the recipe, and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from smelt import __version__
+from smelt.config import Recipe, RecipeError, load_recipe, recipe_to_dict
+from smelt.fsutil import atomic_write_text
+
+log = logging.getLogger("smelt")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set data.workers=2 (repeatable)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings and errors only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="smelt", description="End-to-end LLM pretraining: curate, tokenize, pack, train, evaluate.")
+    ap.add_argument("--version", action="version", version=f"smelt {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("data", help="curate raw documents: filter, redact, decontaminate, deduplicate",
+                       description="Run the curation stage of RECIPE into <runs_dir>/<name>/data: "
+                                   "clean/<domain>/ shards, rejects/, duplicates/, stats.json.")
+    d.add_argument("recipe", help="YAML recipe with a `data:` section")
+    d.add_argument("--workers", type=int, default=None, help="worker processes (default: data.workers; 0 = all cores)")
+    d.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    _common(d)
+    d.set_defaults(func=cmd_data)
+    return ap
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+
+
+def prepare_run(recipe: Recipe, source: str | None) -> Path:
+    """Create the run directory and write the resolved recipe into it."""
+    import yaml
+
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# resolved recipe (from {source or 'defaults'}, overrides applied)\n"
+    atomic_write_text(run_dir / "recipe.yaml",
+                      header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True))
+    return run_dir
+
+
+class RichProgress:
+    """Progress bars for the curation phases (disabled with --quiet)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+        self.progress: Any = None
+
+    def __enter__(self) -> RichProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn())
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start(self, phase: str, total: int) -> None:
+        if self.progress is not None:
+            self.bars[phase] = self.progress.add_task(phase, total=total)
+
+    def advance(self, phase: str) -> None:
+        if self.progress is not None and phase in self.bars:
+            self.progress.advance(self.bars[phase])
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from smelt.data.curate import Progress, run_data_stage
+    from smelt.data.io import DataInputError
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.data is None:
+        raise RecipeError(f"{args.recipe}: the recipe has no `data:` section")
+    run_dir = prepare_run(recipe, args.recipe)
+    try:
+        with RichProgress(not args.quiet) as rp:
+            stats = run_data_stage(recipe.data, run_dir, workers=args.workers,
+                                   progress=Progress(start=rp.start, advance=rp.advance), force=args.force)
+    except DataInputError as e:
+        raise RecipeError(str(e)) from None
+    if not args.quiet:
+        print_funnel(stats, run_dir / "data")
+    return 0
+
+
+def print_funnel(stats: dict[str, Any], data_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"curation funnel — {data_dir}")
+    for col in ("domain", "input", "kept", "rejected", "duplicates", "MB in", "MB kept"):
+        t.add_column(col, justify="right" if col != "domain" else "left")
+    rows = list(stats["by_domain"].items())
+    d = stats["documents"]
+    rows.append(("[bold]all", {"input": d["input"], "kept": d["kept"], "rejected": d["rejected"],
+                               "duplicates": d["duplicates"], "bytes_in": stats["bytes"]["input"],
+                               "bytes_kept": stats["bytes"]["kept"]}))
+    for dom, r in rows:
+        t.add_row(dom, str(r["input"]), str(r["kept"]), str(r["rejected"]), str(r["duplicates"]),
+                  f"{r['bytes_in'] / 1e6:.2f}", f"{r['bytes_kept'] / 1e6:.2f}")
+    c.print(t)
+    reasons = Table(title="rejects and duplicates by step/reason")
+    reasons.add_column("step/reason")
+    reasons.add_column("documents", justify="right")
+    for k, v in list(stats["rejects_by_reason"].items())[:25]:
+        reasons.add_row(k, str(v))
+    for st in stats["steps"]:
+        for reason, n in st["total"]["dropped"].items():
+            if st["name"] in ("exact_dedup", "minhash_dedup"):
+                reasons.add_row(f"{st['name']}/{reason}", str(n))
+    c.print(reasons)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except RecipeError as e:
+        print(f"smelt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smelt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

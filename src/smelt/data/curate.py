@@ -1,0 +1,690 @@
+"""The curation stage (`smelt data`): input files -> clean shards, rejects, duplicates, stats.
+
+Work is split into phases. Per-task phases run in the process pool (one task = a group of
+input files, see `executor.local`); global phases are cheap array operations in one process.
+
+    1 filter   (per task)  read -> normalize -> language -> heuristics -> blocklist -> decontam
+                           -> pii; rejects go straight to rejects/; survivors go to a work
+                           shard with their exact-dedup key and MinHash signature.
+    2 dedup    (global)    exact duplicates (first occurrence wins), then MinHash LSH: one pass
+                           per band -> candidate pairs -> union-find clusters (optionally with
+                           Jaccard verification) -> duplicate map {order: kept order}.
+    3 units    (per task)  line / 3-sentence-span hashes of the surviving documents.
+    4 count    (global)    units seen in more than `max_repeats` documents.
+    5 write    (per task)  duplicates/ (with duplicate_of), repeated units removed, clean/<domain>/.
+    6 account              stats.json funnel; input = kept + rejected + duplicates or the run fails.
+
+Every document has a global `order` = (task index << 32) | position in the task, which is its
+place in corpus order. Whenever one document of a group must be kept, it is the one with the
+smallest order, so the result does not depend on scheduling.
+
+Layout under ``<run>/data/``: ``clean/<domain>/part-NNNNN.<fmt>``, ``rejects/``,
+``duplicates/``, ``stats.json``, ``manifest.json``, and ``_work/`` while running.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smelt.config import DataConfig, StepConfig, config_hash, recipe_to_dict
+from smelt.data.document import Document
+from smelt.data.executor.local import default_workers, run_tasks
+from smelt.data.pipeline import Step, StepStats, mark_rejected
+from smelt.fsutil import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WORK = "_work"
+
+
+class AccountingError(RuntimeError):
+    """The funnel does not add up: some document was lost or counted twice."""
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class Plan:
+    files: list[tuple[int, str]]  # (input source index, file path)
+    tasks: list[list[int]]  # task -> indices into files
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": self.files, "tasks": self.tasks}
+
+
+def plan_tasks(cfg: DataConfig) -> Plan:
+    """Resolve every input to files (errors here come before any work) and group them into tasks."""
+    from smelt.data.io import resolve_files
+
+    files: list[tuple[int, str]] = []
+    for si, src in enumerate(cfg.inputs):
+        for f in resolve_files(src):
+            files.append((si, f))
+    tasks = [list(range(i, min(i + cfg.files_per_task, len(files))))
+             for i in range(0, len(files), cfg.files_per_task)]
+    return Plan(files=files, tasks=tasks)
+
+
+def _file_fingerprint(path: str) -> list[Any]:
+    p = Path(path)
+    if p.exists():
+        st = p.stat()
+        return [path, st.st_size, int(st.st_mtime)]
+    return [path]
+
+
+def stage_key(cfg: DataConfig, plan: Plan) -> str:
+    """What the stage's outputs depend on: the config and the input files (name, size, mtime)."""
+    return config_hash({"config": recipe_to_dict(cfg), "version": FORMAT_VERSION,
+                        "files": [_file_fingerprint(f) for _, f in plan.files]})
+
+
+# --------------------------------------------------------------------------------------------
+# step assembly (runs inside each worker process, once)
+
+
+@dataclass
+class Pipeline:
+    steps: list[tuple[Step, StepConfig | None]]
+    read: Step
+    hasher: Any  # MinHasher or None
+
+    def step_names(self) -> list[str]:
+        return ["read"] + [s.name for s, _ in self.steps]
+
+
+class ReadCheck(Step):
+    """Read-level rejects: records the reader could not parse, empty and oversized documents."""
+
+    name = "read"
+
+    def __init__(self, min_chars: int, max_chars: int) -> None:
+        super().__init__()
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+
+    def process(self, doc: Document) -> str | None:
+        err = doc.meta.get("read_error")
+        if err:
+            return str(err)
+        n = len(doc.text)
+        if n > self.max_chars:
+            return "too_long"
+        if n < self.min_chars or not doc.text.strip():
+            return "empty"
+        return None
+
+
+def build_pipeline(cfg: DataConfig, decontam_index: Path | None) -> Pipeline:
+    from smelt.data.steps.blocklist import BlocklistFilter
+    from smelt.data.steps.heuristics import build_heuristic_steps
+    from smelt.data.steps.language import LanguageFilter
+    from smelt.data.steps.normalize import Normalizer
+    from smelt.data.steps.redact import PIIRedactor
+
+    steps: list[tuple[Step, StepConfig | None]] = []
+    if cfg.normalize.enabled:
+        steps.append((Normalizer(cfg.normalize), cfg.normalize))
+    if cfg.language.enabled:
+        steps.append((LanguageFilter(cfg.language), cfg.language))
+    for step in build_heuristic_steps(cfg.heuristics):
+        steps.append((step, getattr(cfg.heuristics, step.name)))
+    if cfg.blocklist.enabled:
+        steps.append((BlocklistFilter(cfg.blocklist), cfg.blocklist))
+    if cfg.decontam.enabled and cfg.decontam.sources:
+        from smelt.data.steps.decontam import DecontamFilter, DecontamIndex
+
+        index = DecontamIndex.load(decontam_index) if decontam_index else None
+        steps.append((DecontamFilter(cfg.decontam, index), cfg.decontam))
+    # PII last: it rewrites text, and earlier steps (decontam in particular) should see the original.
+    if cfg.pii.enabled:
+        steps.append((PIIRedactor(cfg.pii), cfg.pii))
+    hasher = None
+    if cfg.dedup.minhash.enabled:
+        from smelt.data.dedup.minhash import MinHasher
+
+        hasher = MinHasher(cfg.dedup.minhash)
+    return Pipeline(steps=steps, read=ReadCheck(cfg.min_doc_chars, cfg.max_doc_chars), hasher=hasher)
+
+
+_PIPELINES: dict[str, Pipeline] = {}
+
+
+def _pipeline(cfg_json: str, decontam_index: str | None) -> Pipeline:
+    key = cfg_json + str(decontam_index)
+    p = _PIPELINES.get(key)
+    if p is None:
+        cfg = DataConfig.model_validate_json(cfg_json)
+        p = _PIPELINES[key] = build_pipeline(cfg, Path(decontam_index) if decontam_index else None)
+    return p
+
+
+def _reset_stats(p: Pipeline) -> None:
+    p.read.stats = StepStats()
+    for s, _ in p.steps:
+        s.stats = StepStats()
+
+
+# --------------------------------------------------------------------------------------------
+# phase 1: filter (per task)
+
+
+def _sizes(doc: Document) -> tuple[int, int]:
+    return len(doc.text.encode("utf-8", "surrogatepass")), len(doc.text)
+
+
+def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
+                decontam_index: str | None) -> dict[str, Any]:
+    from smelt.data.dedup.exact import exact_key
+    from smelt.data.io import ShardWriter, read_documents, shard_suffix
+
+    cfg = DataConfig.model_validate_json(cfg_json)
+    p = _pipeline(cfg_json, decontam_index)
+    _reset_stats(p)
+    out = Path(data_dir)
+    work = out / WORK / "filter"
+    fmt = cfg.output_format
+    in_bytes: Counter = Counter()
+    in_chars: Counter = Counter()
+    orders: list[int] = []
+    ids: list[str] = []
+    domains: list[str] = []
+    exact: list[int] = []
+    sigs: list[np.ndarray] = []
+    minhash_mask: list[bool] = []
+    exact_mask: list[bool] = []
+    read_errors: list[dict[str, Any]] = []
+    pos = 0
+    with ShardWriter(out / "rejects" / f"filter-{ti:05d}{shard_suffix(fmt)}", fmt) as rejects, \
+            ShardWriter(work / f"{ti:05d}.kept.jsonl.zst", "jsonl.zst") as kept:
+        for fi in plan["tasks"][ti]:
+            si, path = plan["files"][fi]
+            src = cfg.inputs[si]
+            for doc in read_documents(path, src):
+                order = (ti << 32) | pos
+                pos += 1
+                b, c = _sizes(doc)
+                in_bytes[doc.domain] += b
+                in_chars[doc.domain] += c
+                reason = p.read(doc)
+                if reason is not None:
+                    if len(read_errors) < 100 and doc.meta.get("read_error"):
+                        read_errors.append({"source": doc.meta.get("source", path), "file": path,
+                                            "reason": reason, "error": doc.meta.get("error", "")})
+                    rejects.write(mark_rejected(doc, "read", reason))
+                    continue
+                rejected = False
+                for step, scfg in p.steps:
+                    if scfg is not None and not scfg.applies_to(doc.domain):
+                        continue
+                    reason = step(doc)
+                    if reason is not None:
+                        rejects.write(mark_rejected(doc, step.name, reason))
+                        rejected = True
+                        break
+                if rejected:
+                    continue
+                kept.write(doc)
+                orders.append(order)
+                ids.append(doc.id)
+                domains.append(doc.domain)
+                use_exact = cfg.dedup.exact.applies_to(doc.domain)
+                exact_mask.append(use_exact)
+                exact.append(exact_key(doc.text) if use_exact else 0)
+                use_mh = p.hasher is not None and cfg.dedup.minhash.applies_to(doc.domain)
+                minhash_mask.append(use_mh)
+                if p.hasher is not None:
+                    sigs.append(p.hasher.signature(doc.text) if use_mh else
+                                np.zeros(cfg.dedup.minhash.bands * cfg.dedup.minhash.rows, dtype=np.uint64))
+    n_sig = cfg.dedup.minhash.bands * cfg.dedup.minhash.rows
+    sig_arr = np.stack(sigs) if sigs else np.zeros((0, n_sig), dtype=np.uint64)
+    _save_npz(work / f"{ti:05d}.npz", orders=np.array(orders, dtype=np.int64),
+              exact=np.array(exact, dtype=np.uint64), exact_mask=np.array(exact_mask, dtype=bool),
+              minhash_mask=np.array(minhash_mask, dtype=bool), sigs=sig_arr,
+              ids=np.array(ids, dtype=str), domains=np.array(domains, dtype=str))
+    return {"task": ti, "n_read": pos, "n_kept": len(orders), "rejects": rejects.count,
+            "input_bytes": dict(in_bytes), "input_chars": dict(in_chars),
+            "steps": {name: s.stats.to_dict() for name, s in
+                      [("read", p.read)] + [(s.name, s) for s, _ in p.steps]},
+            "read_errors": read_errors}
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    from smelt.fsutil import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# --------------------------------------------------------------------------------------------
+# phase 2: document dedup (global)
+
+
+EXACT, NEAR = 0, 1
+
+
+def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str, Any]:
+    """Exact then near dedup over all tasks' survivors; writes ``_work/dedup.npz``."""
+    from smelt.data.dedup.exact import first_occurrence
+    from smelt.data.dedup.minhash import MinHasher, band_keys, bucket_pairs, clusters, jaccard
+
+    work = data_dir / WORK
+    parts = [_load_npz(work / "filter" / f"{t:05d}.npz") for t in range(n_tasks)]
+    orders = np.concatenate([p["orders"] for p in parts]) if parts else np.zeros(0, np.int64)
+    ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, str)
+    domains = np.concatenate([p["domains"] for p in parts]) if parts else np.zeros(0, str)
+    dup_of: dict[int, tuple[int, int]] = {}  # order -> (kept order, kind)
+    stats: dict[str, StepStats] = {"exact_dedup": StepStats(), "minhash_dedup": StepStats()}
+
+    # exact: among documents the step applies to, every later copy points at the first one
+    exact_mask = np.concatenate([p["exact_mask"] for p in parts]) if parts else np.zeros(0, bool)
+    if cfg.dedup.exact.enabled and exact_mask.any():
+        keys = np.concatenate([p["exact"] for p in parts])[exact_mask]
+        sel = orders[exact_mask]
+        first = first_occurrence(keys, sel)
+        for o, f in zip(sel.tolist(), first.tolist()):
+            if o != f:
+                dup_of[o] = (f, EXACT)
+    _count_dedup(stats["exact_dedup"], domains, orders, exact_mask, dup_of, EXACT, "exact_duplicate")
+
+    mh = cfg.dedup.minhash
+    mh_mask = np.concatenate([p["minhash_mask"] for p in parts]) if parts else np.zeros(0, bool)
+    alive = mh_mask & np.array([o not in dup_of for o in orders.tolist()], dtype=bool)
+    cluster_sizes: Counter = Counter()
+    if mh.enabled and alive.sum() > 1:
+        sigs = np.concatenate([p["sigs"] for p in parts])[alive]
+        sel = orders[alive]
+        keys = band_keys(sigs, mh.bands, mh.rows)
+        pairs = [bucket_pairs(keys[:, b], sel) for b in range(mh.bands)]
+        all_pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+        verify: Callable[[int, int], bool] | None = None
+        if mh.verify_jaccard is not None and len(all_pairs):
+            texts = _load_texts(work, n_tasks, set(all_pairs.ravel().tolist()))
+            hasher = MinHasher(mh)
+            cache: dict[int, np.ndarray] = {}
+
+            def shingles(o: int) -> np.ndarray:
+                if o not in cache:
+                    cache[o] = hasher.shingles(texts[o])
+                return cache[o]
+
+            def verify(a: int, b: int) -> bool:
+                return jaccard(shingles(a), shingles(b)) >= mh.verify_jaccard
+
+        roots = clusters(all_pairs, verify=verify)
+        sizes: Counter = Counter()
+        for o, r in roots.items():
+            dup_of[o] = (r, NEAR)
+            sizes[r] += 1
+        for n in sizes.values():
+            cluster_sizes[n + 1] += 1
+    _count_dedup(stats["minhash_dedup"], domains, orders, alive if mh.enabled else np.zeros_like(alive),
+                 dup_of, NEAR, "near_duplicate")
+
+    id_of = dict(zip(orders.tolist(), ids.tolist()))
+    d_orders = np.array(sorted(dup_of), dtype=np.int64)
+    d_of = np.array([dup_of[o][0] for o in d_orders.tolist()], dtype=np.int64)
+    d_kind = np.array([dup_of[o][1] for o in d_orders.tolist()], dtype=np.int8)
+    d_ids = np.array([id_of[o] for o in d_of.tolist()], dtype=str)
+    _save_npz(work / "dedup.npz", orders=d_orders, dup_of=d_of, kind=d_kind, dup_of_id=d_ids)
+    return {"steps": {name: s.to_dict() for name, s in stats.items()},
+            "cluster_sizes": {str(k): v for k, v in sorted(cluster_sizes.items())}}
+
+
+def _count_dedup(st: StepStats, domains: np.ndarray, orders: np.ndarray, mask: np.ndarray,
+                 dup_of: dict[int, tuple[int, int]], kind: int, reason: str) -> None:
+    for dom, o, m in zip(domains.tolist(), orders.tolist(), mask.tolist()):
+        if not m:
+            continue
+        d = st.domain(dom)
+        d.seen += 1
+        hit = dup_of.get(o)
+        if hit is not None and hit[1] == kind:
+            d.dropped[reason] += 1
+        else:
+            d.kept += 1
+
+
+def _load_texts(work: Path, n_tasks: int, wanted: set[int]) -> dict[int, str]:
+    from smelt.data.io import read_shard
+
+    out: dict[int, str] = {}
+    for t in range(n_tasks):
+        arr = _load_npz(work / "filter" / f"{t:05d}.npz")["orders"].tolist()
+        need = {i for i, o in enumerate(arr) if o in wanted}
+        if not need:
+            continue
+        for i, doc in enumerate(read_shard(work / "filter" / f"{t:05d}.kept.jsonl.zst")):
+            if i in need:
+                out[arr[i]] = doc.text
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# phases 3-4: line / sentence units
+
+
+def _dup_map(work: Path) -> dict[int, tuple[int, str]]:
+    z = _load_npz(work / "dedup.npz")
+    return {o: (of, i) for o, of, i in zip(z["orders"].tolist(), z["dup_of"].tolist(), z["dup_of_id"].tolist())}
+
+
+def units_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
+    from smelt.data.dedup.lines import units
+    from smelt.data.io import read_shard
+
+    cfg = DataConfig.model_validate_json(cfg_json)
+    lc = cfg.dedup.lines
+    work = Path(data_dir) / WORK
+    orders = _load_npz(work / "filter" / f"{ti:05d}.npz")["orders"].tolist()
+    dups = _dup_map(work)
+    hs: list[int] = []
+    os_: list[int] = []
+    for o, doc in zip(orders, read_shard(work / "filter" / f"{ti:05d}.kept.jsonl.zst")):
+        if o in dups or not lc.applies_to(doc.domain):
+            continue
+        uniq = {h for _, _, h in units(doc.text, lc.mode, lc.min_chars)}
+        hs.extend(uniq)
+        os_.extend([o] * len(uniq))
+    _save_npz(work / "units" / f"{ti:05d}.npz", hashes=np.array(hs, dtype=np.uint64),
+              orders=np.array(os_, dtype=np.int64))
+    return {"task": ti, "units": len(hs)}
+
+
+def count_units_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str, Any]:
+    """Units in more than `max_repeats` documents, with the first document that has each."""
+    work = data_dir / WORK
+    parts = [_load_npz(work / "units" / f"{t:05d}.npz") for t in range(n_tasks)]
+    hashes = np.concatenate([p["hashes"] for p in parts]) if parts else np.zeros(0, np.uint64)
+    orders = np.concatenate([p["orders"] for p in parts]) if parts else np.zeros(0, np.int64)
+    if len(hashes):
+        idx = np.lexsort((orders, hashes))  # by hash, then corpus order
+        h, o = hashes[idx], orders[idx]
+        starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+        counts = np.diff(np.r_[starts, len(h)])
+        rep = counts > cfg.dedup.lines.max_repeats
+        rep_h, rep_first = h[starts][rep], o[starts][rep]
+    else:
+        rep_h, rep_first = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    _save_npz(work / "repeated_units.npz", hashes=rep_h, first=rep_first)
+    return {"repeated_units": int(len(rep_h))}
+
+
+# --------------------------------------------------------------------------------------------
+# phase 5: write
+
+
+def write_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
+    from smelt.data.dedup.lines import remove_spans, units
+    from smelt.data.io import ShardWriter, read_shard, shard_suffix
+
+    cfg = DataConfig.model_validate_json(cfg_json)
+    lc = cfg.dedup.lines
+    out = Path(data_dir)
+    work = out / WORK
+    fmt = cfg.output_format
+    sfx = shard_suffix(fmt)
+    orders = _load_npz(work / "filter" / f"{ti:05d}.npz")["orders"].tolist()
+    dups = _dup_map(work)
+    kinds = dict(zip(*(_load_npz(work / "dedup.npz")[k].tolist() for k in ("orders", "kind"))))
+    use_lines = lc.enabled
+    rep: dict[int, int] = {}
+    if use_lines:
+        z = _load_npz(work / "repeated_units.npz")
+        rep = dict(zip(z["hashes"].tolist(), z["first"].tolist()))
+    line_stats = StepStats()
+    kept_bytes: Counter = Counter()
+    kept_chars: Counter = Counter()
+    kept_docs: Counter = Counter()
+    dup_docs: Counter = Counter()
+    writers: dict[str, ShardWriter] = {}
+    n_rejects = 0
+    try:
+        with ShardWriter(out / "duplicates" / f"part-{ti:05d}{sfx}", fmt) as dw, \
+                ShardWriter(out / "rejects" / f"lines-{ti:05d}{sfx}", fmt) as rw:
+            for o, doc in zip(orders, read_shard(work / "filter" / f"{ti:05d}.kept.jsonl.zst")):
+                hit = dups.get(o)
+                if hit is not None:
+                    doc.meta["duplicate_of"] = hit[1]
+                    doc.meta["dedup"] = "exact" if kinds[o] == EXACT else "minhash"
+                    dw.write(doc)
+                    dup_docs[doc.domain] += 1
+                    continue
+                if use_lines and rep and lc.applies_to(doc.domain):
+                    ds = line_stats.domain(doc.domain)
+                    ds.seen += 1
+                    spans = [(s, e) for s, e, h in units(doc.text, lc.mode, lc.min_chars)
+                             if h in rep and not (lc.keep_first and rep[h] == o)]
+                    if spans:
+                        before = len(doc.text)
+                        doc.text = remove_spans(doc.text, spans)
+                        ds.counters["units_removed"] += len(spans)
+                        ds.counters["chars_removed"] += before - len(doc.text)
+                        ds.counters["docs_modified"] += 1
+                    if len(doc.text.strip()) < cfg.min_doc_chars or not doc.text.strip():
+                        ds.dropped["empty_after_line_dedup"] += 1
+                        rw.write(mark_rejected(doc, "line_dedup", "empty_after_line_dedup"))
+                        n_rejects += 1
+                        continue
+                    ds.kept += 1
+                w = writers.get(doc.domain)
+                if w is None:
+                    w = writers[doc.domain] = ShardWriter(
+                        out / "clean" / _safe(doc.domain) / f"part-{ti:05d}{sfx}", fmt).__enter__()
+                w.write(doc)
+                b, c = _sizes(doc)
+                kept_bytes[doc.domain] += b
+                kept_chars[doc.domain] += c
+                kept_docs[doc.domain] += 1
+        for w in writers.values():
+            w.__exit__(None, None, None)
+    except BaseException as e:
+        for w in writers.values():
+            w.__exit__(type(e), e, e.__traceback__)
+        raise
+    return {"task": ti, "kept_docs": dict(kept_docs), "kept_bytes": dict(kept_bytes),
+            "kept_chars": dict(kept_chars), "duplicates": dict(dup_docs), "line_rejects": n_rejects,
+            "line_dedup": line_stats.to_dict()}
+
+
+def _safe(domain: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in domain) or "default"
+
+
+# --------------------------------------------------------------------------------------------
+# phase 6: accounting
+
+
+def build_stats(filter_res: list[dict[str, Any]], dedup_stats: dict[str, Any],
+                write_res: list[dict[str, Any]], step_order: list[str]) -> dict[str, Any]:
+    steps: dict[str, StepStats] = {}
+    for r in filter_res:
+        for name, d in r["steps"].items():
+            steps.setdefault(name, StepStats()).merge(StepStats.from_dict(d))
+    for name, d in dedup_stats["steps"].items():
+        steps[name] = StepStats.from_dict(d)
+    lines = StepStats()
+    for r in write_res:
+        lines.merge(StepStats.from_dict(r["line_dedup"]))
+    steps["line_dedup"] = lines
+
+    def dsum(results: list[dict[str, Any]], key: str) -> Counter:
+        c: Counter = Counter()
+        for r in results:
+            c.update(r[key])
+        return c
+
+    in_docs = Counter({d: s.seen for d, s in steps["read"].by_domain.items()})
+    in_bytes, in_chars = dsum(filter_res, "input_bytes"), dsum(filter_res, "input_chars")
+    kept, kept_b, kept_c = dsum(write_res, "kept_docs"), dsum(write_res, "kept_bytes"), dsum(write_res, "kept_chars")
+    dups = dsum(write_res, "duplicates")
+    rejected: Counter = Counter()
+    by_reason: Counter = Counter()
+    for name, st in steps.items():
+        if name in ("exact_dedup", "minhash_dedup"):
+            continue
+        for dom, ds in st.by_domain.items():
+            n = sum(ds.dropped.values())
+            rejected[dom] += n
+            for reason, k in ds.dropped.items():
+                by_reason[f"{name}/{reason}"] += k
+    domains = sorted(set(in_docs) | set(kept))
+    by_domain = {d: {"input": in_docs[d], "kept": kept[d], "rejected": rejected[d], "duplicates": dups[d],
+                     "bytes_in": in_bytes[d], "bytes_kept": kept_b[d],
+                     "chars_in": in_chars[d], "chars_kept": kept_c[d]} for d in domains}
+    order = [n for n in step_order + ["exact_dedup", "minhash_dedup", "line_dedup"] if n in steps]
+    read_errors = [e for r in filter_res for e in r["read_errors"]][:100]
+    return {
+        "format_version": FORMAT_VERSION,
+        "documents": {"input": sum(in_docs.values()), "kept": sum(kept.values()),
+                      "rejected": sum(rejected.values()), "duplicates": sum(dups.values())},
+        "bytes": {"input": sum(in_bytes.values()), "kept": sum(kept_b.values())},
+        "chars": {"input": sum(in_chars.values()), "kept": sum(kept_c.values())},
+        "by_domain": by_domain,
+        "rejects_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "steps": [{"name": n, **steps[n].to_dict()} for n in order],
+        "minhash_cluster_sizes": dedup_stats["cluster_sizes"],
+        "read_errors": read_errors,
+    }
+
+
+def check_accounting(stats: dict[str, Any], data_dir: Path, fmt: str) -> None:
+    """input = kept + rejected + duplicates, overall and per domain, and on disk."""
+    from smelt.data.io import read_shard
+
+    problems = []
+    for dom, d in stats["by_domain"].items():
+        if d["input"] != d["kept"] + d["rejected"] + d["duplicates"]:
+            problems.append(f"domain {dom}: input {d['input']} != kept {d['kept']} + rejected "
+                            f"{d['rejected']} + duplicates {d['duplicates']}")
+    on_disk = {}
+    for kind in ("clean", "rejects", "duplicates"):
+        on_disk[kind] = sum(1 for f in sorted((data_dir / kind).rglob("*")) if f.is_file()
+                            for _ in read_shard(f))
+    doc = stats["documents"]
+    for kind, key in (("clean", "kept"), ("rejects", "rejected"), ("duplicates", "duplicates")):
+        if on_disk[kind] != doc[key]:
+            problems.append(f"{kind}/ holds {on_disk[kind]} documents, stats say {doc[key]}")
+    if problems:
+        raise AccountingError("curation accounting failed:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class Progress:
+    """Hooks for a progress display; the CLI passes rich-backed callables."""
+
+    start: Callable[[str, int], None] = lambda phase, total: None
+    advance: Callable[[str], None] = lambda phase: None
+
+
+def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
+                   progress: Progress | None = None, force: bool = False) -> dict[str, Any]:
+    """Run (or resume, or skip) curation into ``run_dir/data``; return the stats funnel."""
+    progress = progress or Progress()
+    data_dir = run_dir / "data"
+    plan = plan_tasks(cfg)  # input errors surface here, before any work
+    key = stage_key(cfg, plan)
+    manifest_path = data_dir / "manifest.json"
+    if not force and manifest_path.is_file():
+        m = read_json(manifest_path)
+        if m.get("complete") and m.get("key") == key:
+            log.info("data: complete for the same inputs and config, skipping")
+            return read_json(data_dir / "stats.json")
+    work = data_dir / WORK
+    plan_file = work / "plan.json"
+    if force or not plan_file.is_file() or read_json(plan_file).get("key") != key:
+        if data_dir.exists():
+            shutil.rmtree(data_dir)  # different inputs/config: earlier partial work is invalid
+        atomic_write_json(plan_file, {"key": key, **plan.to_dict()})
+    n_workers = default_workers(workers if workers is not None else cfg.workers)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    cfg_json = cfg.model_dump_json()
+
+    decontam_index = None
+    if cfg.decontam.enabled and cfg.decontam.sources:
+        decontam_index = work / "decontam_index.npz"
+        if not decontam_index.is_file():
+            from smelt.data.steps.decontam import DecontamIndex
+
+            DecontamIndex.build(cfg.decontam.sources, cfg.decontam.ngram).save(decontam_index)
+    n_tasks = len(plan.tasks)
+
+    def phase(name: str, fn: Callable[[int], dict[str, Any]], done: str) -> list[dict[str, Any]]:
+        ts = time.time()
+        progress.start(name, n_tasks)
+        res = run_tasks(fn, n_tasks, work / done, n_workers, on_done=lambda i: progress.advance(name))
+        timings[name] = round(time.time() - ts, 3)
+        return res
+
+    filter_res = phase("filter", functools.partial(
+        filter_task, cfg_json=cfg_json, plan=plan.to_dict(), data_dir=str(data_dir),
+        decontam_index=str(decontam_index) if decontam_index else None), "filter.done")
+    ts = time.time()
+    dedup_file = work / "dedup_stats.json"
+    if dedup_file.is_file():
+        dedup_stats = read_json(dedup_file)
+    else:
+        dedup_stats = dedup_phase(cfg, data_dir, n_tasks)
+        atomic_write_json(dedup_file, dedup_stats)
+    timings["dedup"] = round(time.time() - ts, 3)
+    if cfg.dedup.lines.enabled:
+        phase("units", functools.partial(units_task, cfg_json=cfg_json, data_dir=str(data_dir)), "units.done")
+        if not (work / "repeated_units.npz").is_file():
+            count_units_phase(cfg, data_dir, n_tasks)
+    write_res = phase("write", functools.partial(write_task, cfg_json=cfg_json, data_dir=str(data_dir)),
+                      "write.done")
+
+    step_order = ["read"] + [n for n in _step_names(cfg)]
+    stats = build_stats(filter_res, dedup_stats, write_res, step_order)
+    check_accounting(stats, data_dir, cfg.output_format)
+    atomic_write_json(data_dir / "stats.json", stats)
+    timings["total"] = round(time.time() - t0, 3)
+    atomic_write_json(manifest_path, {
+        "stage": "data", "complete": True, "key": key, "format_version": FORMAT_VERSION,
+        "inputs": [f for _, f in plan.files], "tasks": n_tasks, "workers": n_workers,
+        "output_format": cfg.output_format, "documents": stats["documents"],
+        "domains": sorted(stats["by_domain"]), "timings_s": timings})
+    shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
+    return stats
+
+
+def _step_names(cfg: DataConfig) -> list[str]:
+    names = []
+    if cfg.normalize.enabled:
+        names.append("normalize")
+    if cfg.language.enabled:
+        names.append("language")
+    h = cfg.heuristics
+    for n in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
+        if getattr(h, n).enabled:
+            names.append(n)
+    if cfg.blocklist.enabled:
+        names.append("blocklist")
+    if cfg.decontam.enabled and cfg.decontam.sources:
+        names.append("decontam")
+    if cfg.pii.enabled:
+        names.append("pii")
+    return names
