@@ -183,14 +183,16 @@ class ExactDedupConfig(StepConfig):
 
 
 class MinHashConfig(StepConfig):
-    # FineWeb: 5-gram word shingles, 112 hashes = 14 bands x 8 rows (Jaccard ~0.75 at 50% merge chance).
+    # FineWeb: 5-gram word shingles, 112 hashes = 14 bands x 8 rows
+    # (merge chance 50% at Jaccard 0.685, 92% at 0.8, 5% at 0.5).
     ngram: int = Field(5, ge=1, description="Shingle length in words.")
     cjk_ngram: int = Field(5, ge=1, description="Shingle length in characters for CJK text.")
     bands: int = Field(14, ge=1, description="LSH bands.")
     rows: int = Field(8, ge=1, description="Hashes per band.")
     seed: int = Field(1, description="Seed of the hash permutations.")
     verify_jaccard: float | None = Field(
-        None, ge=0.0, le=1.0, description="If set, only merge candidate pairs whose true shingle Jaccard is at least this.")
+        None, ge=0.0, le=1.0, description="If set, only merge candidate pairs whose true shingle Jaccard is at least this "
+        "(e.g. 0.5 guarantees no merge below it; 14x8 LSH alone merges ~5% of pairs at 0.5).")
 
 
 class LineDedupConfig(StepConfig):
