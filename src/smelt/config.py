@@ -40,10 +40,11 @@ class InputSource(Strict):
     path: str = Field(description="File, directory, glob pattern or fsspec URL (s3://, gs://, ...).")
     domain: str = Field(description="Domain label carried by every document (web, books, wiki, code, zh-wiki, ...).")
     format: Literal["auto", "txt", "jsonl", "parquet", "warc", "html", "json-squad"] = Field(
-        "auto", description="File format; auto picks by extension (.txt, .jsonl[.gz|.zst], .parquet, .warc[.gz], .html).")
+        "auto", description="File format; auto picks by extension: .txt/.md, .jsonl/.ndjson[.gz|.zst], .json (SQuAD "
+        "layout or JSON lines, sniffed), .parquet, .warc[.gz]/.warc.wet.gz, .html/.htm.")
     glob: str = Field("**/*", description="Pattern for files inside a directory path.")
     text_field: str = Field("text", description="Field holding the text; `content` is tried when it is missing.")
-    id_field: str = Field("id", description="Field holding the document id; absent ids become `<source>/<file>:<n>`.")
+    id_field: str = Field("id", description="Field holding the document id; absent ids become `<name>/<path relative to the input>:<n>`.")
     txt_split: Literal["file", "paragraph"] = Field(
         "file", description="Plain text: one document per file, or one per blank-line-separated block.")
     name: str | None = Field(None, description="Source name used in generated ids; defaults to the file stem.")
