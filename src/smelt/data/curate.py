@@ -140,15 +140,17 @@ def build_pipeline(cfg: DataConfig, decontam_index: Path | None) -> Pipeline:
         steps.append((Normalizer(cfg.normalize), cfg.normalize))
     if cfg.language.enabled:
         steps.append((LanguageFilter(cfg.language), cfg.language))
-    for step in build_heuristic_steps(cfg.heuristics):
-        steps.append((step, getattr(cfg.heuristics, step.name)))
-    if cfg.blocklist.enabled:
-        steps.append((BlocklistFilter(cfg.blocklist), cfg.blocklist))
+    # Decontamination before the heuristics: C4 rewrites text (drops unpunctuated lines) and
+    # could remove exactly the copied evaluation item that should have rejected the document.
     if cfg.decontam.enabled and cfg.decontam.sources:
         from smelt.data.steps.decontam import DecontamFilter, DecontamIndex
 
         index = DecontamIndex.load(decontam_index) if decontam_index else None
         steps.append((DecontamFilter(cfg.decontam, index), cfg.decontam))
+    for step in build_heuristic_steps(cfg.heuristics):
+        steps.append((step, getattr(cfg.heuristics, step.name)))
+    if cfg.blocklist.enabled:
+        steps.append((BlocklistFilter(cfg.blocklist), cfg.blocklist))
     # PII last: it rewrites text, and earlier steps (decontam in particular) should see the original.
     if cfg.pii.enabled:
         steps.append((PIIRedactor(cfg.pii), cfg.pii))
@@ -629,7 +631,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         if not decontam_index.is_file():
             from smelt.data.steps.decontam import DecontamIndex
 
-            DecontamIndex.build(cfg.decontam.sources, cfg.decontam.ngram).save(decontam_index)
+            DecontamIndex.from_config(cfg.decontam).save(decontam_index)
     n_tasks = len(plan.tasks)
 
     def phase(name: str, fn: Callable[[int], dict[str, Any]], done: str) -> list[dict[str, Any]]:
@@ -677,14 +679,14 @@ def _step_names(cfg: DataConfig) -> list[str]:
         names.append("normalize")
     if cfg.language.enabled:
         names.append("language")
+    if cfg.decontam.enabled and cfg.decontam.sources:
+        names.append("decontam")
     h = cfg.heuristics
     for n in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
         if getattr(h, n).enabled:
             names.append(n)
     if cfg.blocklist.enabled:
         names.append("blocklist")
-    if cfg.decontam.enabled and cfg.decontam.sources:
-        names.append("decontam")
     if cfg.pii.enabled:
         names.append("pii")
     return names
