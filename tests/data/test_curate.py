@@ -114,13 +114,17 @@ def test_planted_problems_are_caught(curated):
     assert any(d.meta["reason"] == "decontam_toyeval" for d in rej)
     # PII is redacted in what is kept
     pii = [d for d in kept if d.meta.get("planted") == "pii"]
-    assert pii and all("@" not in d.text for d in pii)
-    assert all("<EMAIL>" in d.text for d in pii)
+    assert pii and all("@" not in d.text for d in kept)
+    assert all(d.meta["pii"]["email"] == 1 and d.meta["pii"]["phone"] == 1 for d in pii)
+    step = next(s for s in stats["steps"] if s["name"] == "pii")["total"]["counters"]
+    assert step["email"] >= len(pii) and step["ip"] >= len(pii)
+    # the redacted PII paragraphs are identical across documents, so line dedup keeps one copy
+    assert sum("<EMAIL>" in d.text for d in kept) >= 1
     # most clean prose survives
     n_clean = sum(1 for d in kept + rej + dups if d.meta.get("planted") == "clean")
     assert planted_kept["clean"] >= 0.9 * n_clean
-    # repeated footer lines are removed by line dedup
-    assert not any("All rights reserved" in d.text for d in kept)
+    # repeated footer lines are removed by line dedup, except in the first document that has them
+    assert sum("All rights reserved" in d.text for d in kept) == 1
     line = next(s for s in stats["steps"] if s["name"] == "line_dedup")
     assert line["total"]["counters"]["units_removed"] > 0
 

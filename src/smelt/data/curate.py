@@ -620,6 +620,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         if data_dir.exists():
             shutil.rmtree(data_dir)  # different inputs/config: earlier partial work is invalid
         atomic_write_json(plan_file, {"key": key, **plan.to_dict()})
+    _remove_stale_temp_files(data_dir)  # left by a killed run; their content is redone
     n_workers = default_workers(workers if workers is not None else cfg.workers)
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -671,6 +672,12 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         "domains": sorted(stats["by_domain"]), "timings_s": timings})
     shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
     return stats
+
+
+def _remove_stale_temp_files(data_dir: Path) -> None:
+    for f in data_dir.rglob(".*"):
+        if f.is_file() and ".tmp" in f.name:
+            f.unlink(missing_ok=True)
 
 
 def _step_names(cfg: DataConfig) -> list[str]:

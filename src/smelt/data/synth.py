@@ -65,25 +65,44 @@ _FOOTER_EN = ["Home | About us | Contact | Privacy policy | Terms of use",
 _FOOTER_ZH = ["首页 | 关于我们 | 联系方式 | 隐私政策 | 使用条款", "版权所有 2024 示例传媒集团 保留所有权利。"]
 
 
-def en_sentence(rng: random.Random) -> str:
-    s = f"{rng.choice(_EN_SUBJ)} {rng.choice(_EN_VERB)} {rng.choice(_EN_OBJ)} {rng.choice(_EN_TAIL)}."
+class _Sampler:
+    """Draws phrases without replacement within one document, so that a document does not
+    repeat its own 5-grams (Gopher's repetition rules would rightly reject it)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.pools: dict[int, list[str]] = {}
+
+    def __call__(self, options: list[str]) -> str:
+        pool = self.pools.get(id(options))
+        if not pool:
+            pool = self.pools[id(options)] = self.rng.sample(options, len(options))
+        return pool.pop()
+
+
+def en_sentence(rng: random.Random, pick: _Sampler | None = None) -> str:
+    pick = pick or _Sampler(rng)
+    s = f"{pick(_EN_SUBJ)} {rng.choice(_EN_VERB)} {pick(_EN_OBJ)} {pick(_EN_TAIL)}."
     if rng.random() < 0.3:
         s = f"{rng.choice(_EN_LINK)} {s}"
     return s[0].upper() + s[1:]
 
 
-def zh_sentence(rng: random.Random) -> str:
-    s = f"{rng.choice(_ZH_SUBJ)}{rng.choice(_ZH_TAIL)}{rng.choice(_ZH_VERB)}{rng.choice(_ZH_OBJ)}。"
+def zh_sentence(rng: random.Random, pick: _Sampler | None = None) -> str:
+    pick = pick or _Sampler(rng)
+    s = f"{pick(_ZH_SUBJ)}{pick(_ZH_TAIL)}{rng.choice(_ZH_VERB)}{pick(_ZH_OBJ)}。"
     if rng.random() < 0.3:
         s = rng.choice(_ZH_LINK) + s
     return s
 
 
 def prose(rng: random.Random, lang: str, paragraphs: int | None = None) -> str:
-    paragraphs = paragraphs or rng.randint(2, 5)
+    """2-3 paragraphs of 3-4 sentences (at most 12 sentences: the size of the smallest pool)."""
+    paragraphs = paragraphs or rng.randint(2, 3)
     sent = en_sentence if lang == "en" else zh_sentence
     sep = " " if lang == "en" else ""
-    return "\n\n".join(sep.join(sent(rng) for _ in range(rng.randint(3, 7))) for _ in range(paragraphs))
+    pick = _Sampler(rng)
+    return "\n\n".join(sep.join(sent(rng, pick) for _ in range(rng.randint(3, 4))) for _ in range(paragraphs))
 
 
 def _luhn_digit(body: str) -> str:
@@ -123,7 +142,7 @@ def _pii_sentences(rng: random.Random, lang: str) -> list[str]:
         return [f"For questions, write to {email} or call +1 415 555 {rng.randint(1000, 9999)}.",
                 f"The payment was made with card {card_number(rng)} last week.",
                 f"The server at {ip} was restarted on 2023-11-25."]
-    mobile = f"1{rng.choice('3456789')}{rng.randint(0, 999999999):09d}"
+    mobile = f"{rng.choice(['138', '139', '150', '186', '177', '199'])}{rng.randint(0, 99999999):08d}"
     return [f"如有疑问请联系{email}或拨打{mobile}。", f"身份证号码是{cn_id_number(rng)}，请妥善保管。",
             f"服务器地址{ip}已于2023年11月25日重启。"]
 
@@ -132,7 +151,7 @@ def _mojibake(text: str) -> str:
     return text.encode("utf-8").decode("latin-1")
 
 
-def _near_copy(rng: random.Random, text: str, lang: str, frac: float = 0.03) -> str:
+def _near_copy(rng: random.Random, text: str, lang: str, frac: float = 0.015) -> str:
     if lang == "en":
         words = text.split(" ")
         for _ in range(max(1, int(len(words) * frac))):
