@@ -119,8 +119,9 @@ class GopherRepetitionConfig(StepConfig):
         default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)],
         description="CJK documents: as top_n_grams, over CJK-aware word tokens (one per Han character).")
     zh_dup_n_grams: list[tuple[int, float]] = Field(
-        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
-        description="CJK documents: as dup_n_grams, over CJK-aware word tokens.")
+        default_factory=lambda: [(10, 0.15), (12, 0.14), (14, 0.13), (16, 0.12), (18, 0.11), (20, 0.10)],
+        description="CJK documents: as dup_n_grams over character tokens; Gopher's 5..10 words at ~2 characters "
+                    "per word (5..10 characters rejected 41 of 1,848 clean CMRC/DRCD passages that repeat names).")
 
 
 class C4Config(StepConfig):
