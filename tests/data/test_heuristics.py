@@ -58,7 +58,7 @@ ZH_CLEAN = "\n".join([
 ])
 
 # Chinese spam, one of each kind the filters must catch, with the first rule that rejects it in
-# the chain gopher_repetition -> gopher_quality -> fineweb (no C4).
+# the chain gopher_quality -> gopher_repetition -> fineweb (no C4).
 ZH_SPAM = {
     "keyword_stuffing": (
         "gopher_quality", "gopher_too_few_stop_words",
@@ -74,7 +74,7 @@ ZH_SPAM = {
         "澳门赌场平台服务，澳门赌场官网值得信赖。"),
     "repeated_lines": ("gopher_repetition", "gopher_dup_line_frac",
                        "点击进入，免费领取！\n" * 12 + "点击这里了解更多优惠活动。"),
-    "repeated_sentence": ("gopher_repetition", "gopher_top_4_gram",
+    "repeated_sentence": ("gopher_quality", "gopher_too_few_stop_words",
                           "正规代开各类发票，真票验证后付款，欢迎来电咨询。" * 10),
     "link_list": ("fineweb", "fineweb_line_punct_ratio", "\n".join([
         "首页", "新闻中心", "公司简介", "产品展示", "联系我们", "在线留言", "最新电影在线观看",
@@ -90,7 +90,7 @@ ZH_SPAM = {
         f"{c}代开发票联系电话1380013{i:04d}微信同号" for i, c in
         enumerate(["北京", "上海", "广州", "深圳", "杭州", "南京", "成都", "重庆", "武汉", "西安", "天津", "苏州"]))),
     "invoice_ad": (
-        "gopher_repetition", "gopher_top_3_gram",
+        "gopher_quality", "gopher_too_few_stop_words",
         "代开发票，代开增值税发票，代开普通发票，代开建筑发票，代开运输发票，代开广告发票，代开餐饮发票，代开住宿发票，"
         "代开租赁发票，代开材料发票，代开服务发票，代开咨询发票。联系人：王经理 电话：13800138000 微信：13800138000 "
         "QQ：123456789。"),
@@ -411,12 +411,12 @@ def test_fineweb_chinese_line_length_and_glued_headings():
 
 def test_build_heuristic_steps_order_and_switches():
     steps = build_heuristic_steps(HeuristicsConfig())
-    assert [s.name for s in steps] == ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    assert [s.name for s in steps] == ["gopher_quality", "gopher_repetition", "c4", "fineweb"]
     cfg = HeuristicsConfig()
     cfg.c4.enabled = False
     cfg.gopher_quality.zh_min_cjk_ratio = 0.9
     steps = build_heuristic_steps(cfg)
-    assert [s.name for s in steps] == ["gopher_repetition", "gopher_quality", "fineweb"]
+    assert [s.name for s in steps] == ["gopher_quality", "gopher_repetition", "fineweb"]
     assert {s.cjk_ratio for s in steps} == {0.9}
 
 

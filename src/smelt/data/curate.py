@@ -689,7 +689,7 @@ def _step_names(cfg: DataConfig) -> list[str]:
     if cfg.decontam.enabled and cfg.decontam.sources:
         names.append("decontam")
     h = cfg.heuristics
-    for n in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
+    for n in ("gopher_quality", "gopher_repetition", "c4", "fineweb"):
         if getattr(h, n).enabled:
             names.append(n)
     if cfg.blocklist.enabled:

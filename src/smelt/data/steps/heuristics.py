@@ -888,18 +888,21 @@ class FineWebFilter(_HeuristicStep):
 
 
 def build_heuristic_steps(cfg: HeuristicsConfig) -> list[Step]:
-    """The enabled heuristic steps in the FineWeb pipeline's order (Penedo et al. 2024).
+    """The enabled heuristic steps: Gopher quality, Gopher repetition, C4, FineWeb.
 
-    Gopher repetition and quality judge the document as extracted (C4 would hide repeated and
+    Gopher quality and repetition judge the document as extracted (C4 would hide repeated and
     unpunctuated lines from them); C4 then rewrites it, and FineWeb's line rules judge the text
-    that will be kept. Every step gets gopher_quality's ``zh_min_cjk_ratio``.
+    that will be kept. The FineWeb pipeline (Penedo et al. 2024) runs repetition before quality;
+    the set of rejected documents is the same either way, but quality first gives a tiny page
+    the reason `gopher_short_doc` instead of a repetition reason, which is what a person reading
+    the funnel expects. Every step gets gopher_quality's ``zh_min_cjk_ratio``.
     """
     ratio = cfg.gopher_quality.zh_min_cjk_ratio
     steps: list[Step] = []
-    if cfg.gopher_repetition.enabled:
-        steps.append(GopherRepetitionFilter(cfg.gopher_repetition, ratio))
     if cfg.gopher_quality.enabled:
         steps.append(GopherQualityFilter(cfg.gopher_quality, ratio))
+    if cfg.gopher_repetition.enabled:
+        steps.append(GopherRepetitionFilter(cfg.gopher_repetition, ratio))
     if cfg.c4.enabled:
         steps.append(C4Filter(cfg.c4, ratio))
     if cfg.fineweb.enabled:
