@@ -95,6 +95,10 @@ class GopherQualityConfig(StepConfig):
     max_ellipsis_lines_ratio: float = Field(0.3, description="Share of lines ending with an ellipsis above this: reject.")
     max_non_alpha_words_ratio: float = Field(
         0.8, description="Share of words with at least one letter below this: reject (Gopher: 80%).")
+    alpha_share_of: Literal["words", "tokens"] = Field(
+        "words", description="Denominator of the alphabetic-word rule: `words` as in Gopher (punctuation is not a "
+        "word), or `tokens` as datatrove (punctuation tokens count, which rejects dialogue-heavy prose: 1,644 of "
+        "5,153 LAMBADA passages).")
     min_stop_words: int = Field(2, description="Fewer distinct stop words (the, be, to, of, and, that, have, with): reject.")
     # Chinese-aware variant (text without spaces): characters stand in for words.
     zh_min_doc_chars: int = Field(100, description="CJK documents: fewer non-space characters: reject `gopher_short_doc`.")

@@ -487,8 +487,13 @@ class GopherQualityFilter(_HeuristicStep):
                 if n_ell / len(lines) > cfg.max_ellipsis_lines_ratio:
                     return "gopher_too_many_end_ellipsis"
 
-        # share of tokens with a letter; the rest are numbers, punctuation (CJK: symbols only)
-        if cfg.max_non_alpha_words_ratio and int(tk.has_letter.sum()) / n_tokens < cfg.max_non_alpha_words_ratio:
+        # Share of words with a letter. Gopher (Rae et al. 2021, A.1.1) counts words; datatrove counts
+        # punctuation tokens too (alpha_share_of="tokens"), which puts ordinary dialogue (“So,” he
+        # said, “how’s it going?”) under the 0.8 limit. CJK: the rest are symbols only.
+        denom = n_tokens
+        if not cjk and cfg.alpha_share_of == "words":
+            denom = int(tk.is_word.sum())
+        if cfg.max_non_alpha_words_ratio and denom and int(tk.has_letter.sum()) / denom < cfg.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"
 
         if cjk:
