@@ -244,6 +244,72 @@ class DataConfig(Strict):
         return v
 
 
+# --------------------------------------------------------------------------------------------
+# tokenizer, pack, loader
+
+
+class TokenizerConfig(Strict):
+    """`tokenizer:` training a tokenizer on the curated shards (`smelt tokenizer`)."""
+
+    kind: Literal["bpe", "unigram", "wordpiece"] = Field("bpe", description="Byte-level BPE (default), Unigram or WordPiece.")
+    vocab_size: int = Field(32_000, ge=256, description="Target vocabulary size, special tokens included (before rounding).")
+    vocab_multiple: int = Field(128, ge=1, description="Round the final vocabulary up to a multiple of this (embedding shards evenly).")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair/token frequency to be merged or kept.")
+    sample_chars_per_domain: int = Field(
+        20_000_000, ge=1000, description="Training text budget per domain in characters, so one domain cannot dominate.")
+    domain_weights: dict[str, float] | None = Field(
+        None, description="Scale each domain's budget (e.g. {zh: 1.5, code: 0.5}); None: equal budgets.")
+    split_digits: bool = Field(True, description="Split numbers into single digits (LLaMA, DeepSeek).")
+    num_sentinels: int = Field(32, ge=0, description="UL2/T5 denoising sentinel tokens <|sentinel_0|>... to reserve.")
+    added_tokens: list[str] = Field(default_factory=list, description="User tokens added as special (never split) tokens.")
+    max_doc_chars: int = Field(100_000, ge=100, description="Longer training documents are cut to this many characters.")
+    eval_docs_per_domain: int = Field(500, ge=1, description="`smelt tokenizer eval`: documents per domain to evaluate.")
+    inputs: list[str] | None = Field(
+        None, description="Curated shard directories or files to train on; None: the run's data/clean/.")
+
+
+class PackConfig(Strict):
+    """`pack:` tokenizing curated shards into token shards (`smelt pack`)."""
+
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Share of each domain's documents held out for validation.")
+    max_val_docs: int = Field(2000, ge=0, description="Cap on held-out documents per domain.")
+    min_val_docs: int = Field(1, ge=0, description="Hold out at least this many documents per domain (when it has more than one).")
+    shard_tokens: int = Field(50_000_000, ge=1000, description="Target tokens per .bin shard.")
+    engine: Literal["auto", "hf", "tiktoken"] = Field(
+        "auto", description="Encoder: auto uses tiktoken for byte-level BPE when it reproduces HF ids exactly, else HF.")
+    workers: int = Field(0, ge=0, description="Worker processes; 0 = number of CPU cores.")
+    add_bos: bool = Field(False, description="Prepend BOS to every document (EOS always ends one).")
+
+
+class CurriculumStage(Strict):
+    until_tokens: int = Field(ge=1, description="This stage lasts until this many training tokens have been consumed.")
+    weights: dict[str, float] = Field(description="Domain mixture weights during this stage.")
+
+
+class ObjectiveConfig(Strict):
+    kind: Literal["causal", "fim", "prefix_lm", "ul2"] = Field("causal", description="Training objective.")
+    fim_rate: float = Field(0.5, ge=0.0, le=1.0, description="FIM: share of documents transformed.")
+    fim_spm_rate: float = Field(0.5, ge=0.0, le=1.0, description="FIM: share of transformed documents in SPM order (else PSM).")
+    prefix_min: float = Field(0.1, gt=0.0, lt=1.0, description="Prefix LM: smallest prefix length as a share of the sequence.")
+    prefix_max: float = Field(0.9, gt=0.0, lt=1.0, description="Prefix LM: largest prefix length as a share of the sequence.")
+    ul2_mix: dict[str, float] = Field(default_factory=lambda: {"R": 0.5, "S": 0.25, "X": 0.25},
+                                      description="UL2 denoiser mixture: R (short spans), S (prefix), X (extreme).")
+
+
+class LoaderConfig(Strict):
+    """`loader:` how training sequences are drawn from `tokens/`."""
+
+    seq_len: int = Field(1024, ge=8, description="Tokens per training sequence (the loader reads seq_len + 1).")
+    weights: dict[str, float] | None = Field(
+        None, description="Domain mixture weights (normalized), e.g. {zh: 4, en: 4, code: 2}; None: by token count.")
+    max_epochs: float = Field(4.0, gt=0.0, description="Cap on how many times a small domain is repeated (upsampling).")
+    curriculum: list[CurriculumStage] = Field(
+        default_factory=list, description="Stages overriding `weights` until a token count; the last stage's weights persist.")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    document_mask: bool = Field(False, description="Emit segment ids so attention does not cross document boundaries.")
+    seed: int | None = Field(None, description="Loader seed; None: the recipe seed.")
+
+
 class Recipe(Strict):
     """A whole job. Stages read their own section."""
 
@@ -251,6 +317,9 @@ class Recipe(Strict):
     runs_dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory).")
     seed: int = Field(1234, description="Global seed.")
     data: DataConfig | None = Field(None, description="Curation stage.")
+    tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer training stage.")
+    pack: PackConfig | None = Field(None, description="Packing stage (text -> token shards).")
+    loader: LoaderConfig | None = Field(None, description="Training data loader (mixture, curriculum, objective).")
 
     @model_validator(mode="after")
     def _has_stage(self) -> Recipe:

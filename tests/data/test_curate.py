@@ -225,3 +225,29 @@ def test_cli_writes_resolved_recipe_and_parquet(tmp_path):
     stats = json.loads((run / "data" / "stats.json").read_text())
     assert stats["documents"]["input"] == 30
     assert list((run / "data" / "clean" / "web").glob("*.parquet"))
+
+
+def test_gigantic_and_corrupt_inputs_are_counted_rejects(tmp_path):
+    import zstandard
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = [d for d in generate(20, seed=5, mix={"clean": 1.0})]
+    big = "word " * 10_000_000  # one 50 MB single-line document
+    with open(inp / "a.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "huge", "text": big}) + "\n")
+        for d in good[:10]:
+            f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
+    payload = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in good[10:]).encode()
+    comp = zstandard.ZstdCompressor().compress(payload)
+    (inp / "b.jsonl.zst").write_bytes(comp[: len(comp) // 2])  # truncated
+    recipe = parse_recipe({"name": "bad", "runs_dir": str(tmp_path / "runs"),
+                           "data": {"inputs": [{"path": str(inp), "domain": "web"}], "workers": 1}})
+    stats = run_data_stage(recipe.data, recipe.run_dir)
+    by_reason = stats["rejects_by_reason"]
+    assert by_reason["read/too_long"] == 1
+    assert by_reason["read/corrupt_file"] == 1
+    assert any(e["reason"] == "corrupt_file" and e["file"].endswith("b.jsonl.zst") for e in stats["read_errors"])
+    d = stats["documents"]
+    assert d["input"] == d["kept"] + d["rejected"] + d["duplicates"]
+    assert d["kept"] >= 10  # the good documents before the damage survive

@@ -1,0 +1,1 @@
+"""Tokenizer training (HF tokenizers: byte-level BPE, Unigram, WordPiece) and evaluation."""

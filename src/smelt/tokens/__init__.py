@@ -1,0 +1,1 @@
+"""Token shards, packing (text -> tokens), the training data loader and objectives."""
