@@ -310,6 +310,74 @@ class LoaderConfig(Strict):
     seed: int | None = Field(None, description="Loader seed; None: the recipe seed.")
 
 
+# --------------------------------------------------------------------------------------------
+# train
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw", "adafactor"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (LLaMA: 0.9, 0.95).")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay (LLaMA: 0.1); never on norms and biases.")
+    decay_embeddings: bool = Field(False, description="Apply weight decay to the embedding (and untied output) matrices.")
+    fused: bool = Field(False, description="Use the fused/foreach AdamW kernel where available.")
+
+
+class ScheduleConfig(Strict):
+    kind: Literal["cosine", "linear", "constant", "wsd", "inv_sqrt"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup from 0 to the peak LR, in optimizer steps.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final LR as a share of the peak (cosine, linear, wsd).")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of the steps spent in the final decay.")
+
+
+class BatchConfig(Strict):
+    global_batch: int = Field(32, ge=1, description="Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward on one rank (gradient accumulation fills the rest).")
+    ramp_start: int | None = Field(None, ge=1, description="Batch-size ramp: start at this global batch (sequences); None: no ramp.")
+    ramp_tokens: int = Field(0, ge=0, description="Batch-size ramp: tokens over which the batch grows linearly to global_batch.")
+
+
+class StabilityConfig(Strict):
+    nan_guard: bool = Field(True, description="Skip the update when loss or grad norm is NaN/Inf.")
+    spike_policy: Literal["none", "skip", "rollback"] = Field("skip", description="What to do on a loss spike.")
+    spike_window: int = Field(50, ge=5, description="Trailing window (steps) for the spike statistics.")
+    spike_sigma: float = Field(6.0, gt=0.0, description="Spike: loss above mean + this many standard deviations of the window.")
+    spike_ema_ratio: float = Field(3.0, gt=1.0, description="Spike: loss above this multiple of its EMA.")
+    rollback_lr_scale: float = Field(0.5, gt=0.0, le=1.0, description="After a rollback, scale the LR by this for rollback_lr_steps.")
+    rollback_lr_steps: int = Field(100, ge=0, description="Steps during which the rollback LR scale applies.")
+    max_rollbacks: int = Field(5, ge=0, description="Give up (error) after this many rollbacks.")
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(500, ge=1, description="Save every this many optimizer steps (and at the end).")
+    keep: int = Field(3, ge=1, description="Keep the last this many checkpoints.")
+
+
+class TrainConfig(Strict):
+    """`train:` the trainer (`smelt train`)."""
+
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast (CPU/GPU), fp16 with loss scaling (GPU).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this (0: off).")
+    z_loss: float = Field(0.0, ge=0.0, description="Weight of the z-loss on the log-partition (PaLM: 1e-4); 0: off.")
+    moe_aux_weight: float = Field(0.01, ge=0.0, description="Weight of the MoE load-balancing loss (Switch: 0.01).")
+    activation_checkpointing: Literal["none", "full", "every_k"] = Field("none", description="Recompute activations in backward.")
+    ac_every: int = Field(2, ge=1, description="every_k: checkpoint every k-th block.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log_every: int = Field(10, ge=1, description="Write metrics every this many steps.")
+    eval_every: int = Field(200, ge=0, description="Validation loss per domain every this many steps (0: only at the end).")
+    eval_batches: int = Field(10, ge=1, description="Validation batches per domain.")
+    peak_tflops: float | None = Field(None, gt=0.0, description="Peak TFLOP/s for MFU; None: measured matmul peak on CPU, 989 (H100 bf16) on GPU.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default.")
+
+
 class Recipe(Strict):
     """A whole job. Stages read their own section."""
 
@@ -320,6 +388,7 @@ class Recipe(Strict):
     tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer training stage.")
     pack: PackConfig | None = Field(None, description="Packing stage (text -> token shards).")
     loader: LoaderConfig | None = Field(None, description="Training data loader (mixture, curriculum, objective).")
+    train: TrainConfig | None = Field(None, description="Training stage.")
 
     @model_validator(mode="after")
     def _has_stage(self) -> Recipe:

@@ -1,0 +1,1 @@
+"""LLaMA-style decoder: config and presets, the model, parameter/FLOP/memory formulas."""

@@ -1,0 +1,1 @@
+"""The trainer: optimizer and schedules, checkpoints, stability guards, metrics, the loop."""
