@@ -37,6 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     _common(d)
     d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("tokenizer", help="train a tokenizer on the curated data, or evaluate one",
+                       description="`smelt tokenizer RECIPE` trains <run>/tokenizer/tokenizer.json from "
+                                   "<run>/data/clean (or tokenizer.inputs). `smelt tokenizer eval RECIPE` measures "
+                                   "bytes/token, characters/token, vocabulary use and the lossless round trip per "
+                                   "domain and language, optionally beside a second tokenizer (--compare).")
+    t.add_argument("words", nargs="+", metavar="[eval] RECIPE", help="RECIPE, or `eval RECIPE`")
+    t.add_argument("--compare", default=None, help="eval: a second tokenizer (tokenizer.json or directory)")
+    t.add_argument("--docs", type=int, default=None, help="eval: documents per domain (default tokenizer.eval_docs_per_domain)")
+    t.add_argument("--force", action="store_true", help="retrain even if the tokenizer is complete")
+    _common(t)
+    t.set_defaults(func=cmd_tokenizer)
+
+    pk = sub.add_parser("pack", help="tokenize the curated data into token shards",
+                        description="Tokenize <run>/data/clean with <run>/tokenizer into <run>/tokens/<domain>/"
+                                    "{train,val}-NNNNN.{bin,idx} and tokens/manifest.json.")
+    pk.add_argument("recipe", help="YAML recipe (the `pack:` section is optional)")
+    pk.add_argument("--workers", type=int, default=None, help="worker processes (default: pack.workers; 0 = all cores)")
+    pk.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    _common(pk)
+    pk.set_defaults(func=cmd_pack)
     return ap
 
 
@@ -107,6 +128,87 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise RecipeError(str(e)) from None
     if not args.quiet:
         print_funnel(stats, run_dir / "data")
+    return 0
+
+
+def _load(recipe_path: str, overrides: list[str]) -> tuple[Recipe, Path]:
+    recipe = load_recipe(recipe_path, overrides)
+    return recipe, prepare_run(recipe, recipe_path)
+
+
+def _clean_shards(recipe: Recipe, run_dir: Path, inputs: list[str] | None) -> dict[str, list[Path]]:
+    from smelt.data.curate import clean_shard_files
+
+    if not inputs:
+        try:
+            return clean_shard_files(run_dir / "data")
+        except FileNotFoundError as e:
+            raise RecipeError(str(e)) from None
+    out: dict[str, list[Path]] = {}
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            raise RecipeError(f"tokenizer.inputs: {p} does not exist")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            out.setdefault(f.parent.name, []).append(f)
+    return out
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from smelt.config import TokenizerConfig
+
+    words = list(args.words)
+    mode = "train"
+    if words[0] == "eval":
+        mode, words = "eval", words[1:]
+    if len(words) != 1:
+        raise RecipeError("usage: smelt tokenizer [eval] RECIPE")
+    recipe, run_dir = _load(words[0], args.overrides)
+    cfg = recipe.tokenizer or TokenizerConfig()
+    shards = _clean_shards(recipe, run_dir, cfg.inputs)
+    out = run_dir / "tokenizer"
+    if mode == "train":
+        from smelt.tokenizer.train import train_tokenizer
+
+        done = out / "stats.json"
+        if done.is_file() and (out / "tokenizer.json").is_file() and not args.force:
+            log.info("tokenizer: %s exists, skipping (--force to retrain)", out / "tokenizer.json")
+            return 0
+        stats = train_tokenizer(cfg, shards, out, recipe.seed)
+        if not args.quiet:
+            log.info("tokenizer: vocabulary %s -> %s", stats.get("vocab_size"), out / "tokenizer.json")
+        return 0
+    from smelt.fsutil import atomic_write_json
+    from smelt.tokenizer.evaluate import evaluate_tokenizer, format_eval_table
+
+    tok = out / "tokenizer.json"
+    if not tok.is_file():
+        raise RecipeError(f"{tok} not found (run `smelt tokenizer {words[0]}` first)")
+    result = evaluate_tokenizer(tok, shards, args.docs or cfg.eval_docs_per_domain,
+                                compare=Path(args.compare) if args.compare else None)
+    atomic_write_json(out / "eval.json", result)
+    print(format_eval_table(result))
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from smelt.config import PackConfig
+    from smelt.tokens.pack import pack_tokens
+
+    recipe, run_dir = _load(args.recipe, args.overrides)
+    cfg = recipe.pack or PackConfig()
+    tok = run_dir / "tokenizer" / "tokenizer.json"
+    if not tok.is_file():
+        raise RecipeError(f"{tok} not found (run `smelt tokenizer {args.recipe}` first)")
+    shards = _clean_shards(recipe, run_dir, recipe.tokenizer.inputs if recipe.tokenizer else None)
+    with RichProgress(not args.quiet) as rp:
+        manifest = pack_tokens(cfg, tok, shards, run_dir / "tokens", recipe.seed,
+                               workers=args.workers, progress=rp.advance if not args.quiet else None)
+    if not args.quiet:
+        for dom, d in manifest["domains"].items():
+            log.info("pack: %-10s train %12s tokens (%s docs)  val %10s tokens", dom,
+                     f"{d['train']['tokens']:,}", f"{d['train']['docs']:,}", f"{d['val']['tokens']:,}")
     return 0
 
 

@@ -697,3 +697,17 @@ def _step_names(cfg: DataConfig) -> list[str]:
     if cfg.pii.enabled:
         names.append("pii")
     return names
+
+
+def clean_shard_files(data_dir: Path) -> dict[str, list[Path]]:
+    """The kept shards of a completed curation stage, by domain (the next stages' input)."""
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file() or not read_json(manifest).get("complete"):
+        raise FileNotFoundError(f"{data_dir}: no completed curation stage (run `smelt data` first)")
+    out: dict[str, list[Path]] = {}
+    clean = data_dir / "clean"
+    for d in sorted(p for p in clean.iterdir() if p.is_dir()) if clean.is_dir() else []:
+        files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+        if files:
+            out[d.name] = files
+    return out
