@@ -1,6 +1,10 @@
-"""Atomic file writes: write to a temporary name in the same directory, fsync, rename.
+"""Atomic file writes: write to a temporary name in the same directory, then rename.
 
-A reader never sees a half-written file: either the old content (or nothing) or the new one.
+A reader never sees a half-written file: either the old content (or nothing) or the new one,
+whatever happens to the writing process (exceptions, ``kill -9``). The rename is atomic on POSIX
+file systems. Durability against power loss also needs an fsync before the rename; it costs
+~3 ms per file here (a third of a small curation task), so it is on where losing the file is
+expensive (checkpoints: ``fsync=True``) and otherwise follows ``SMELT_FSYNC=1``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
+FSYNC = os.environ.get("SMELT_FSYNC", "0") == "1"
+
+
+def maybe_fsync(fd: int, fsync: bool | None = None) -> None:
+    if FSYNC if fsync is None else fsync:
+        os.fsync(fd)
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
+def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None,
+                fsync: bool | None = None) -> Iterator[IO]:
+    """Open a temp file beside `path`; on clean exit (fsync and) rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,7 +37,7 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None)
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            maybe_fsync(f.fileno(), fsync)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

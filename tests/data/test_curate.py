@@ -251,3 +251,19 @@ def test_gigantic_and_corrupt_inputs_are_counted_rejects(tmp_path):
     d = stats["documents"]
     assert d["input"] == d["kept"] + d["rejected"] + d["duplicates"]
     assert d["kept"] >= 10  # the good documents before the damage survive
+
+
+def test_without_dedup_the_filter_phase_writes_final_shards(tmp_path):
+    inp = write_corpus(tmp_path, n=60, files=2)
+    off = {"enabled": False}
+    tree = recipe_tree(tmp_path, inp, dedup={"exact": off, "minhash": off, "lines": off})
+    recipe = parse_recipe(tree)
+    stats = run_data_stage(recipe.data, recipe.run_dir)
+    data = recipe.run_dir / "data"
+    d = stats["documents"]
+    assert d["duplicates"] == 0 and d["input"] == d["kept"] + d["rejected"]
+    assert len(read_all(data / "clean")) == d["kept"] > 0
+    assert not (data / "duplicates").exists()
+    assert [s["name"] for s in stats["steps"]][-1] == "pii"  # no dedup steps reported
+    # exact copies survive when exact dedup is off
+    assert any(doc.meta.get("planted") == "exact_dup" for doc in read_all(data / "clean"))

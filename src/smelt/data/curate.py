@@ -38,7 +38,7 @@ import numpy as np
 
 from smelt.config import DataConfig, StepConfig, config_hash, recipe_to_dict
 from smelt.data.document import Document
-from smelt.data.executor.local import default_workers, run_tasks
+from smelt.data.executor.local import default_workers, make_pool, run_tasks
 from smelt.data.pipeline import Step, StepStats, mark_rejected
 from smelt.fsutil import atomic_write_json, read_json
 
@@ -210,8 +210,12 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
     exact_mask: list[bool] = []
     read_errors: list[dict[str, Any]] = []
     pos = 0
+    direct = is_direct(cfg)
+    kept_docs: Counter = Counter()
+    kept_bytes: Counter = Counter()
+    kept_chars: Counter = Counter()
     with ShardWriter(out / "rejects" / f"filter-{ti:05d}{shard_suffix(fmt)}", fmt) as rejects, \
-            ShardWriter(work / f"{ti:05d}.kept.jsonl.zst", "jsonl.zst") as kept:
+            _KeptSink(out, work, ti, fmt, direct) as kept:
         for fi in plan["tasks"][ti]:
             si, path = plan["files"][fi]
             src = cfg.inputs[si]
@@ -240,6 +244,12 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                 if rejected:
                     continue
                 kept.write(doc)
+                if direct:  # no dedup: this is the final output, nothing else to record
+                    b, c = _sizes(doc)
+                    kept_docs[doc.domain] += 1
+                    kept_bytes[doc.domain] += b
+                    kept_chars[doc.domain] += c
+                    continue
                 orders.append(order)
                 ids.append(doc.id)
                 domains.append(doc.domain)
@@ -251,17 +261,59 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                 if p.hasher is not None:
                     sigs.append(p.hasher.signature(doc.text) if use_mh else
                                 np.zeros(cfg.dedup.minhash.bands * cfg.dedup.minhash.rows, dtype=np.uint64))
+    result = {"task": ti, "n_read": pos, "rejects": rejects.count,
+              "input_bytes": dict(in_bytes), "input_chars": dict(in_chars),
+              "steps": {name: s.stats.to_dict() for name, s in
+                        [("read", p.read)] + [(s.name, s) for s, _ in p.steps]},
+              "read_errors": read_errors}
+    if direct:
+        result["write"] = {"task": ti, "kept_docs": dict(kept_docs), "kept_bytes": dict(kept_bytes),
+                           "kept_chars": dict(kept_chars), "duplicates": {}, "line_rejects": 0,
+                           "line_dedup": StepStats().to_dict()}
+        return result
     n_sig = cfg.dedup.minhash.bands * cfg.dedup.minhash.rows
     sig_arr = np.stack(sigs) if sigs else np.zeros((0, n_sig), dtype=np.uint64)
     _save_npz(work / f"{ti:05d}.npz", orders=np.array(orders, dtype=np.int64),
               exact=np.array(exact, dtype=np.uint64), exact_mask=np.array(exact_mask, dtype=bool),
               minhash_mask=np.array(minhash_mask, dtype=bool), sigs=sig_arr,
               ids=np.array(ids, dtype=str), domains=np.array(domains, dtype=str))
-    return {"task": ti, "n_read": pos, "n_kept": len(orders), "rejects": rejects.count,
-            "input_bytes": dict(in_bytes), "input_chars": dict(in_chars),
-            "steps": {name: s.stats.to_dict() for name, s in
-                      [("read", p.read)] + [(s.name, s) for s, _ in p.steps]},
-            "read_errors": read_errors}
+    return result
+
+
+def is_direct(cfg: DataConfig) -> bool:
+    """Without any dedup, the filter phase writes the final clean shards itself."""
+    d = cfg.dedup
+    return not (d.exact.enabled or d.minhash.enabled or d.lines.enabled)
+
+
+class _KeptSink:
+    """Where the filter phase puts survivors: one work shard (dedup follows), or the final
+    per-domain clean shards (no dedup configured)."""
+
+    def __init__(self, out: Path, work: Path, ti: int, fmt: str, direct: bool) -> None:
+        from smelt.data.io import ShardWriter, shard_suffix
+
+        self._mk = ShardWriter
+        self.out, self.ti, self.fmt, self.direct = out, ti, fmt, direct
+        self.sfx = shard_suffix(fmt)
+        self.writers: dict[str, Any] = {}
+        if not direct:
+            self.writers[""] = ShardWriter(work / f"{ti:05d}.kept.jsonl.zst", "jsonl.zst")
+
+    def __enter__(self) -> _KeptSink:
+        return self
+
+    def write(self, doc: Document) -> None:
+        key = doc.domain if self.direct else ""
+        w = self.writers.get(key)
+        if w is None:
+            w = self.writers[key] = self._mk(
+                self.out / "clean" / _safe(doc.domain) / f"part-{self.ti:05d}{self.sfx}", self.fmt)
+        w.write(doc)
+
+    def __exit__(self, et: Any, e: Any, tb: Any) -> None:
+        for w in self.writers.values():
+            w.__exit__(et, e, tb)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -552,7 +604,8 @@ def build_stats(filter_res: list[dict[str, Any]], dedup_stats: dict[str, Any],
     by_domain = {d: {"input": in_docs[d], "kept": kept[d], "rejected": rejected[d], "duplicates": dups[d],
                      "bytes_in": in_bytes[d], "bytes_kept": kept_b[d],
                      "chars_in": in_chars[d], "chars_kept": kept_c[d]} for d in domains}
-    order = [n for n in step_order + ["exact_dedup", "minhash_dedup", "line_dedup"] if n in steps]
+    order = [n for n in step_order if n in steps]
+    order += [n for n in ("exact_dedup", "minhash_dedup", "line_dedup") if n in steps and steps[n].by_domain]
     read_errors = [e for r in filter_res for e in r["read_errors"]][:100]
     return {
         "format_version": FORMAT_VERSION,
@@ -570,7 +623,7 @@ def build_stats(filter_res: list[dict[str, Any]], dedup_stats: dict[str, Any],
 
 def check_accounting(stats: dict[str, Any], data_dir: Path, fmt: str) -> None:
     """input = kept + rejected + duplicates, overall and per domain, and on disk."""
-    from smelt.data.io import read_shard
+    from smelt.data.io import count_shard
 
     problems = []
     for dom, d in stats["by_domain"].items():
@@ -579,8 +632,7 @@ def check_accounting(stats: dict[str, Any], data_dir: Path, fmt: str) -> None:
                             f"{d['rejected']} + duplicates {d['duplicates']}")
     on_disk = {}
     for kind in ("clean", "rejects", "duplicates"):
-        on_disk[kind] = sum(1 for f in sorted((data_dir / kind).rglob("*")) if f.is_file()
-                            for _ in read_shard(f))
+        on_disk[kind] = sum(count_shard(f) for f in sorted((data_dir / kind).rglob("*")) if f.is_file())
     doc = stats["documents"]
     for kind, key in (("clean", "kept"), ("rejects", "rejected"), ("duplicates", "duplicates")):
         if on_disk[kind] != doc[key]:
@@ -635,16 +687,43 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
             DecontamIndex.from_config(cfg.decontam).save(decontam_index)
     n_tasks = len(plan.tasks)
 
+    pool = make_pool(min(n_workers, n_tasks))
+
     def phase(name: str, fn: Callable[[int], dict[str, Any]], done: str) -> list[dict[str, Any]]:
         ts = time.time()
         progress.start(name, n_tasks)
-        res = run_tasks(fn, n_tasks, work / done, n_workers, on_done=lambda i: progress.advance(name))
+        res = run_tasks(fn, n_tasks, work / done, n_workers, on_done=lambda i: progress.advance(name), pool=pool)
         timings[name] = round(time.time() - ts, 3)
         return res
 
+    try:
+        stats = _run_phases(cfg, plan, data_dir, work, cfg_json, decontam_index, n_tasks, phase, timings)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    check_accounting(stats, data_dir, cfg.output_format)
+    atomic_write_json(data_dir / "stats.json", stats)
+    timings["total"] = round(time.time() - t0, 3)
+    atomic_write_json(manifest_path, {
+        "stage": "data", "complete": True, "key": key, "format_version": FORMAT_VERSION,
+        "inputs": [f for _, f in plan.files], "tasks": n_tasks, "workers": n_workers,
+        "output_format": cfg.output_format, "documents": stats["documents"],
+        "domains": sorted(stats["by_domain"]), "timings_s": timings})
+    shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
+    return stats
+
+
+def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_json: str,
+                decontam_index: Path | None, n_tasks: int, phase: Callable[..., list[dict[str, Any]]],
+                timings: dict[str, float]) -> dict[str, Any]:
+    """Phases 1-5 (each skipped where its markers say it is done); returns the stats funnel."""
     filter_res = phase("filter", functools.partial(
         filter_task, cfg_json=cfg_json, plan=plan.to_dict(), data_dir=str(data_dir),
         decontam_index=str(decontam_index) if decontam_index else None), "filter.done")
+    step_order = ["read"] + [n for n in _step_names(cfg)]
+    if is_direct(cfg):
+        empty = {"steps": {}, "cluster_sizes": {}}
+        return build_stats(filter_res, empty, [r["write"] for r in filter_res], step_order)
     ts = time.time()
     dedup_file = work / "dedup_stats.json"
     if dedup_file.is_file():
@@ -659,19 +738,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
             count_units_phase(cfg, data_dir, n_tasks)
     write_res = phase("write", functools.partial(write_task, cfg_json=cfg_json, data_dir=str(data_dir)),
                       "write.done")
-
-    step_order = ["read"] + [n for n in _step_names(cfg)]
-    stats = build_stats(filter_res, dedup_stats, write_res, step_order)
-    check_accounting(stats, data_dir, cfg.output_format)
-    atomic_write_json(data_dir / "stats.json", stats)
-    timings["total"] = round(time.time() - t0, 3)
-    atomic_write_json(manifest_path, {
-        "stage": "data", "complete": True, "key": key, "format_version": FORMAT_VERSION,
-        "inputs": [f for _, f in plan.files], "tasks": n_tasks, "workers": n_workers,
-        "output_format": cfg.output_format, "documents": stats["documents"],
-        "domains": sorted(stats["by_domain"]), "timings_s": timings})
-    shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
-    return stats
+    return build_stats(filter_res, dedup_stats, write_res, step_order)
 
 
 def _remove_stale_temp_files(data_dir: Path) -> None:

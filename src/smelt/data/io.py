@@ -32,7 +32,8 @@ Output side (shards in ``kept/``, ``rejects/``, ``duplicates/``): `ShardWriter` 
 
 Both are byte-for-byte deterministic: the same documents in the same order give the same file
 (for a given zstandard/pyarrow version), which the executor relies on for kill-and-resume
-identity. A shard appears at its final path only when complete (temp file + fsync + rename).
+identity. A shard appears at its final path only when complete (temp file + rename; fsync with
+SMELT_FSYNC=1, see `smelt.fsutil`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import zstandard
 
 from smelt.data.document import Document
+from smelt.fsutil import FSYNC, maybe_fsync
 
 if TYPE_CHECKING:
     from smelt.config import InputSource
@@ -1092,7 +1094,7 @@ class ShardWriter:
     """Write documents to one shard file, atomically and deterministically.
 
     Use as a context manager. Data goes to a hidden temp file beside `path` (never picked up
-    as input, see `is_ignored_name`); `close` fsyncs it and renames it to `path`. If the block
+    as input, see `is_ignored_name`); `close` renames it to `path` (after an fsync when SMELT_FSYNC=1). If the block
     raises, the temp file is removed and nothing appears at `path`.
     """
 
@@ -1187,16 +1189,17 @@ class ShardWriter:
                 self._flush_jsonl()
                 self._fh.write(self._cobj.flush())
                 self._fh.flush()
-                os.fsync(self._fh.fileno())
+                maybe_fsync(self._fh.fileno())
                 self._fh.close()
             else:
                 self._flush_parquet()
                 self._pq.close()
-                fd = os.open(self._tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                if FSYNC:
+                    fd = os.open(self._tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()
@@ -1249,3 +1252,26 @@ def read_shard(path: str | Path) -> Iterator[Document]:
                 yield Document.from_record(json.loads(line))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{p}:{n}: damaged shard record: {type(e).__name__}: {e}") from e
+
+
+def count_shard(path: str | Path) -> int:
+    """Number of documents in one of our shards, without parsing them (accounting checks).
+
+    Parquet: from the footer. JSON lines: newlines in the decompressed stream (every record
+    `ShardWriter` writes ends with one, and JSON text never contains a raw newline).
+    """
+    p = str(path)
+    if p.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(p).metadata.num_rows)
+    n = 0
+    try:
+        with _open_input(p) as stream:
+            while True:
+                chunk = stream.read(1 << 20)
+                if not chunk:
+                    return n
+                n += chunk.count(b"\n")
+    except _CORRUPT_ERRORS as e:
+        raise ValueError(f"{p}: damaged shard: {type(e).__name__}: {e}") from e
