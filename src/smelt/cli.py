@@ -169,11 +169,10 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     shards = _clean_shards(recipe, run_dir, cfg.inputs)
     out = run_dir / "tokenizer"
     if mode == "train":
-        from smelt.tokenizer.train import train_tokenizer
+        from smelt.tokenizer.train import is_up_to_date, train_tokenizer
 
-        done = out / "stats.json"
-        if done.is_file() and (out / "tokenizer.json").is_file() and not args.force:
-            log.info("tokenizer: %s exists, skipping (--force to retrain)", out / "tokenizer.json")
+        if is_up_to_date(out, cfg, shards, recipe.seed) and not args.force:
+            log.info("tokenizer: %s is up to date, skipping (--force to retrain)", out / "tokenizer.json")
             return 0
         stats = train_tokenizer(cfg, shards, out, recipe.seed)
         if not args.quiet:

@@ -294,6 +294,19 @@ class ObjectiveConfig(Strict):
     prefix_max: float = Field(0.9, gt=0.0, lt=1.0, description="Prefix LM: largest prefix length as a share of the sequence.")
     ul2_mix: dict[str, float] = Field(default_factory=lambda: {"R": 0.5, "S": 0.25, "X": 0.25},
                                       description="UL2 denoiser mixture: R (short spans), S (prefix), X (extreme).")
+    ul2_mode_tokens: bool = Field(
+        True, description="UL2: start each example with a paradigm token ([NLU]/[NLG]/[S2S] = the last three sentinels).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveConfig:
+        if self.prefix_min > self.prefix_max:
+            raise ValueError(f"prefix_min {self.prefix_min} > prefix_max {self.prefix_max}")
+        bad = set(self.ul2_mix) - {"R", "S", "X"}
+        if bad:
+            raise ValueError(f"ul2_mix keys must be R, S or X, not {sorted(bad)}")
+        if not any(v > 0 for v in self.ul2_mix.values()):
+            raise ValueError("ul2_mix needs a positive weight")
+        return self
 
 
 class LoaderConfig(Strict):
@@ -303,11 +316,22 @@ class LoaderConfig(Strict):
     weights: dict[str, float] | None = Field(
         None, description="Domain mixture weights (normalized), e.g. {zh: 4, en: 4, code: 2}; None: by token count.")
     max_epochs: float = Field(4.0, gt=0.0, description="Cap on how many times a small domain is repeated (upsampling).")
+    reuse_decay: float = Field(
+        0.937, gt=0.0, le=1.0, description="Sampling-weight factor per completed epoch of a domain (reused data is "
+        "drawn less); exp(-1/15.4) from the decay of repeated data's value, Muennighoff et al. 2023.")
     curriculum: list[CurriculumStage] = Field(
         default_factory=list, description="Stages overriding `weights` until a token count; the last stage's weights persist.")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     document_mask: bool = Field(False, description="Emit segment ids so attention does not cross document boundaries.")
     seed: int | None = Field(None, description="Loader seed; None: the recipe seed.")
+
+    @field_validator("curriculum")
+    @classmethod
+    def _increasing(cls, v: list[CurriculumStage]) -> list[CurriculumStage]:
+        ends = [s.until_tokens for s in v]
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"curriculum until_tokens must increase strictly, got {ends}")
+        return v
 
 
 # --------------------------------------------------------------------------------------------
