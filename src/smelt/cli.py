@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     _common(pk)
     pk.set_defaults(func=cmd_pack)
+
+    tr = sub.add_parser("train", help="train the model on the packed tokens",
+                        description="Train <run>/train from <run>/tokens with the recipe's `model:`, `loader:` and "
+                                    "`train:` sections. Resumes automatically from the latest complete checkpoint.")
+    tr.add_argument("recipe", help="YAML recipe")
+    g = tr.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
+                   help="require a checkpoint to resume from")
+    g.add_argument("--no-resume", dest="resume", action="store_const", const=False,
+                   help="start from scratch even if checkpoints exist")
+    _common(tr)
+    tr.set_defaults(func=cmd_train)
     return ap
 
 
@@ -208,6 +220,24 @@ def cmd_pack(args: argparse.Namespace) -> int:
         for dom, d in manifest["domains"].items():
             log.info("pack: %-10s train %12s tokens (%s docs)  val %10s tokens", dom,
                      f"{d['train']['tokens']:,}", f"{d['train']['docs']:,}", f"{d['val']['tokens']:,}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from smelt.tokens.loader import DataExhausted
+    from smelt.train.stability import TrainingDiverged
+    from smelt.train.trainer import train
+
+    recipe, run_dir = _load(args.recipe, args.overrides)
+    if not (run_dir / "tokens" / "manifest.json").is_file():
+        raise RecipeError(f"{run_dir / 'tokens'} has no manifest (run `smelt pack {args.recipe}` first)")
+    try:
+        summary = train(recipe, run_dir, resume=args.resume, progress=not args.quiet)
+    except (DataExhausted, TrainingDiverged) as e:
+        print(f"smelt: training stopped: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        log.info("train: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
     return 0
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from smelt.model.config import ModelConfig
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the key path and what is allowed."""
@@ -412,6 +414,8 @@ class Recipe(Strict):
     tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer training stage.")
     pack: PackConfig | None = Field(None, description="Packing stage (text -> token shards).")
     loader: LoaderConfig | None = Field(None, description="Training data loader (mixture, curriculum, objective).")
+    model: ModelConfig | None = Field(
+        None, description="Model architecture (preset + overrides); vocab_size from tokens/manifest.json when None.")
     train: TrainConfig | None = Field(None, description="Training stage.")
 
     @model_validator(mode="after")

@@ -38,6 +38,10 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None,
             yield f
             f.flush()
             maybe_fsync(f.fileno(), fsync)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,408 @@
+"""Checkpoints: `torch.distributed.checkpoint` (DCP) for tensors, JSON for everything else.
+
+Layout (format version 1) under ``train/checkpoints/``::
+
+    step-0000500/             one complete checkpoint, named by optimizer steps done
+        .metadata             DCP metadata (tensor shapes, which file holds which bytes)
+        __0_0.distcp ...      DCP tensor data, one file per writing rank
+        trainer_state.json    step, tokens, loader state, RNG, stability, config hash, the
+                              optimizer's hyperparameters, and the size of every file above
+    step-0000500.tmp/         a checkpoint being written (never read)
+    latest                    text: the name of the newest complete checkpoint
+
+The tensors go through DCP with `get_state_dict`/`set_state_dict`, so the same files load into a
+different world size or parallel layout later (issue 6); DCP runs without a process group in a
+single process (``no_dist``). Only tensors are stored through DCP: the optimizer's param-group
+hyperparameters travel in the JSON, because DCP stores non-tensor values with `torch.save` and
+reads them back with ``torch.load(weights_only=False)``, i.e. unpickling. DCP's own ``.metadata``
+is a pickle written by DCP; loading a checkpoint therefore trusts its directory as much as code,
+as with any DCP checkpoint; tensor data is read with ``weights_only=True``.
+
+Atomicity: everything is written into ``step-NNNNNNN.tmp/``, files fsynced, the directory renamed
+to ``step-NNNNNNN/`` (the commit point), then ``latest`` is rewritten atomically and checkpoints
+beyond the newest ``keep`` are deleted. `find_latest` never trusts a name alone: it verifies the
+newest checkpoint (state JSON parses, every recorded file has its recorded size, every byte
+range in the DCP metadata lies inside its file) and falls back to older ones, logging why.
+
+RNG states (torch CPU and CUDA, numpy, Python) are stored as base64 / integer lists in JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from smelt.fsutil import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+_STEP_RE = re.compile(r"^step-(\d{7,})$")
+
+__all__ = [
+    "CheckpointError",
+    "step_dir_name",
+    "list_checkpoints",
+    "verify_checkpoint",
+    "find_latest",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_trainer_state",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_dist() else 0
+
+
+def _barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every save/load without a process group, even when asked for ``no_dist``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state <-> JSON
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG the training step might draw from, as JSON-safe values (no pickle)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "numpy": {"kind": np_kind, "keys": [int(k) for k in np_keys], "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii")
+                         for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _bytes_tensor(b64: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64, validate=True)), dtype=torch.uint8)
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], np.asarray(npst["keys"], dtype=np.uint32), int(npst["pos"]),
+                         int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("checkpoint has CUDA RNG states for %d devices, this process sees %d; restoring the "
+                        "first ones", len(cuda), torch.cuda.device_count())
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_bytes_tensor(s), device=i)
+
+
+# --------------------------------------------------------------------------------------------
+# listing and verification
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Committed checkpoint directories (``step-NNNNNNN``, no ``.tmp``), oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(s, p) for p in directory.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
+    return sorted(found)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / STATE_FILE
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable ({e})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise CheckpointError(f"{p}: not a version-{VERSION} trainer state")
+    return state
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        return "DCP .metadata is missing"
+    try:
+        state = read_trainer_state(path)
+    except CheckpointError as e:
+        return str(e)
+    step = _step_of(path)
+    if step is not None and state.get("step") != step:
+        return f"{STATE_FILE} says step {state.get('step')}, directory says {step}"
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{STATE_FILE} lists no files"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, expected {size}"
+    # Cross-check DCP's own map of byte ranges (catches a file rewritten after the JSON listed it).
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata means a broken checkpoint
+        return f"DCP metadata unreadable: {type(e).__name__}: {e}"
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = info.relative_path
+        if rel not in sizes:
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} (named by the DCP metadata) is missing"
+            sizes[rel] = f.stat().st_size
+        if info.offset + info.length > sizes[rel]:
+            return f"{rel} has {sizes[rel]} bytes, DCP metadata expects at least {info.offset + info.length}"
+    return None
+
+
+def find_latest(directory: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
+    directory = Path(directory)
+    pointer = None
+    latest_file = directory / LATEST_FILE
+    if latest_file.is_file():
+        pointer = latest_file.read_text(encoding="utf-8").strip()
+    for step, path in reversed(list_checkpoints(directory)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if pointer is not None and pointer != path.name:
+                log.info("checkpoint: %s names %s; using the newest complete one, %s", LATEST_FILE, pointer,
+                         path.name)
+            return path
+        log.warning("checkpoint %s is incomplete or corrupt (%s); falling back to an older one", path, problem)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# save
+
+
+def _only_tensors(tree: Any, where: str) -> None:
+    """DCP stores non-tensors with torch.save and reads them back by unpickling: refuse them."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _only_tensors(v, f"{where}.{k}")
+    elif not isinstance(tree, torch.Tensor):
+        raise CheckpointError(f"{where}: {type(tree).__name__} is not a tensor; store it in {STATE_FILE}")
+
+
+def _jsonable_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for g in groups:
+        d = {}
+        for k, v in g.items():
+            if k in ("params", "param_names"):
+                continue  # the parameter lists are rebuilt from the model, never loaded
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            d[k] = list(v) if isinstance(v, tuple) else v
+        out.append(d)
+    return out
+
+
+def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], *, keep: int | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep``.
+
+    ``trainer_state`` is the caller's JSON-safe state (step counters, loader state, ...); the RNG
+    states, optimizer hyperparameters and the file sizes are added here. Collective when a process
+    group is initialized (DCP writes one file per rank; rank 0 writes the JSON and renames).
+    """
+    directory = Path(directory)
+    final = directory / step_dir_name(step)
+    tmp = directory / (final.name + ".tmp")
+    t0 = time.perf_counter()
+    if _rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a previous attempt died mid-write
+        tmp.mkdir()
+    _barrier()
+
+    optim_ready = bool(optimizer.state)
+    if optim_ready:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+        groups = _jsonable_groups(optim_sd["param_groups"])
+    else:
+        # No update applied yet (every step so far was skipped): get_state_dict would initialize
+        # the optimizer state as a side effect (a zero-lr step that sets Adam's step to 1) and so
+        # change the run; save the model alone.
+        tensors = {"model": get_model_state_dict(model)}
+        groups = _jsonable_groups(optimizer.state_dict()["param_groups"])
+    _only_tensors(tensors, "state")
+    with _quiet_single_process():
+        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+    _barrier()
+
+    if _rank() == 0:
+        state = {
+            "version": VERSION,
+            **trainer_state,
+            "step": step,
+            "rng": capture_rng_state(),
+            "optimizer": {"class": type(optimizer).__name__, "initialized": optim_ready, "param_groups": groups},
+            "saved_at": time.time(),
+        }
+        # Sizes of DCP's files, recorded after they are complete; the JSON itself is not listed.
+        state["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        atomic_write_json(tmp / STATE_FILE, state)
+        for f in tmp.iterdir():  # DCP does not fsync on every filesystem; make the data durable
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (after a rollback): swap, then delete the old one
+            old = directory / (final.name + f".old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(directory)
+        atomic_write_text(directory / LATEST_FILE, final.name + "\n")
+        _prune(directory, step, keep)
+        log.info("checkpoint: saved %s in %.2f s", final, time.perf_counter() - t0)
+    _barrier()
+    return final
+
+
+def _prune(directory: Path, newest: int, keep: int | None) -> None:
+    """Delete checkpoints newer than the one just written (an abandoned timeline after a
+    rollback, or broken leftovers) and all but the newest ``keep``; also stale temp dirs."""
+    ckpts = list_checkpoints(directory)
+    for step, path in ckpts:
+        if step > newest:
+            log.warning("checkpoint: removing %s (newer than the checkpoint just written, %s)", path.name,
+                        step_dir_name(newest))
+            shutil.rmtree(path, ignore_errors=True)
+    if keep is not None:
+        kept = [(s, p) for s, p in ckpts if s <= newest]
+        for _, path in kept[:-keep] if keep > 0 else kept:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("checkpoint: removed %s (keep=%d)", path.name, keep)
+    for p in directory.iterdir():
+        if p.is_dir() and (p.name.endswith(".tmp") or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, restore_rng: bool = True) -> dict[str, Any]:
+    """Load model (and optimizer) tensors from ``path`` in place; return its trainer state.
+
+    The optimizer's hyperparameters come from the JSON, except ``lr`` (set by the schedule every
+    step). An optimizer saved before its first update is reset to an empty state.
+    """
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    state = read_trainer_state(path)
+    no_dist = not _is_dist()
+    saved_opt = state.get("optimizer", {})
+    if optimizer is not None and saved_opt.get("class") not in (None, type(optimizer).__name__):
+        raise CheckpointError(f"{path}: saved with {saved_opt.get('class')}, cannot load into "
+                              f"{type(optimizer).__name__} (train.optim.name changed?)")
+    if optimizer is None or not saved_opt.get("initialized", False):
+        tensors = {"model": get_model_state_dict(model)}
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
+        set_model_state_dict(model, tensors["model"])
+        if optimizer is not None:
+            optimizer.state.clear()
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
+        groups = optim_sd["param_groups"]
+        saved_groups = saved_opt.get("param_groups", [])
+        if len(saved_groups) != len(groups):
+            raise CheckpointError(f"{path}: {len(saved_groups)} optimizer param groups saved, model has {len(groups)}")
+        for g, sg in zip(groups, saved_groups):
+            for k, v in sg.items():
+                if k in g and k != "lr":
+                    g[k] = tuple(v) if isinstance(g[k], tuple) else v
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict={"state": tensors["optim"]["state"], "param_groups": groups})
+    if restore_rng and "rng" in state:
+        restore_rng_state(state["rng"])
+    log.info("checkpoint: loaded %s (step %d)", path, state["step"])
+    return state
