@@ -123,6 +123,14 @@ class RichProgress:
         if self.progress is not None and phase in self.bars:
             self.progress.advance(self.bars[phase])
 
+    def update(self, phase: str, done: int, total: int) -> None:
+        """`progress(phase, done, total)` callbacks (packing)."""
+        if self.progress is None:
+            return
+        if phase not in self.bars:
+            self.start(phase, total)
+        self.progress.update(self.bars[phase], completed=done, total=total)
+
 
 def cmd_data(args: argparse.Namespace) -> int:
     from smelt.data.curate import Progress, run_data_stage
@@ -186,9 +194,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         if is_up_to_date(out, cfg, shards, recipe.seed) and not args.force:
             log.info("tokenizer: %s is up to date, skipping (--force to retrain)", out / "tokenizer.json")
             return 0
-        stats = train_tokenizer(cfg, shards, out, recipe.seed)
-        if not args.quiet:
-            log.info("tokenizer: vocabulary %s -> %s", stats.get("vocab_size"), out / "tokenizer.json")
+        train_tokenizer(cfg, shards, out, recipe.seed)
         return 0
     from smelt.fsutil import atomic_write_json
     from smelt.tokenizer.evaluate import evaluate_tokenizer, format_eval_table
@@ -215,7 +221,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     shards = _clean_shards(recipe, run_dir, recipe.tokenizer.inputs if recipe.tokenizer else None)
     with RichProgress(not args.quiet) as rp:
         manifest = pack_tokens(cfg, tok, shards, run_dir / "tokens", recipe.seed,
-                               workers=args.workers, progress=rp.advance if not args.quiet else None)
+                               workers=args.workers, progress=rp.update if not args.quiet else None, force=args.force)
     if not args.quiet:
         for dom, d in manifest["domains"].items():
             log.info("pack: %-10s train %12s tokens (%s docs)  val %10s tokens", dom,

@@ -1,0 +1,810 @@
+"""Packing (`smelt pack`): curated document shards -> token shards + manifest.
+
+Output layout under ``out_dir`` (``runs/<name>/tokens/``)::
+
+    <domain>/train-NNNNN.{bin,idx}   token shards (format: `smelt.tokens.shards`), ~pack.shard_tokens each
+    <domain>/val-NNNNN.{bin,idx}     held-out documents of that domain
+    manifest.json                    written last: its ``complete: true`` marks the stage done
+    _work/                           while running: plan, per-task chunks, completion markers
+
+Every document becomes ``[BOS] ids EOS`` (BOS only with ``pack.add_bos``), ids from
+``tokenizer.encode(text, add_special_tokens=False)`` with ``encode_special_tokens=True``: a
+document that mentions ``<|eos|>`` gets the ids of that text, never the EOS id.
+
+Phases
+------
+1. plan (parent): one task per input file, big files cut into slices of consecutive records
+   (``ceil(file bytes / slice_bytes)`` slices, cut by record count). The plan depends only on
+   the inputs, never on the worker count.
+2. tokenize (process pool, `executor.local.run_tasks`, one completion marker per task): each
+   task writes ``_work/chunks/<task>.{bin,idx}`` (its documents, in input order) and
+   ``<task>.meta.npz`` (per document: validation key, UTF-8 bytes).
+3. split (parent): choose each domain's held-out documents (below).
+4. assemble (pool or in process, markers again): each output shard is a run of consecutive
+   documents of one (domain, split) stream: a document goes to shard ``floor(s / shard_tokens)``
+   where ``s`` is the stream offset of its first token (numbers compacted when a document
+   longer than a shard leaves a gap). Shards therefore depend only on the documents, never on
+   how the input was cut into tasks, so the output is byte-identical for any worker count.
+   Assembling copies each token once more and writes the final files (~5% of the tokenizing
+   time on the demo corpus).
+5. manifest (parent), then ``_work`` is removed.
+
+Held-out validation split (deterministic, exact counts, parallel-safe)
+---------------------------------------------------------------------
+Each document gets ``key = xxh3_64("smelt.pack.val\\0" + id, seed)``; the prefix keeps the key
+independent of the tokenizer's training-sample key (`smelt.tokenizer.train`), which ranks
+documents by plain ``xxh3_64(id, seed)``: without it the held-out set would be exactly the
+documents the tokenizer was trained on. Domain d with N documents holds out::
+
+    k = min(max_val_docs, max(min_val_docs, round_half_up(val_fraction * N)), N - 1)   (0 if N <= 1)
+
+namely the k documents with the smallest ``(key, order)``, ``order = task << 32 | position``
+breaking ties (duplicate ids) by corpus order. The cap and the floor are enforced exactly and
+without any coordination between workers: workers only write every document's key; the parent
+reads the keys of the domain's tasks, keeps each task's k smallest (the global k smallest are
+among them), and takes the k-th smallest ``(key, order)`` as the threshold; assembly then
+routes a document to ``val`` iff its ``(key, order)`` <= the threshold. The split depends on
+(seed, ids, input order), not on the number of workers or on the task cut.
+
+Resume and re-runs
+------------------
+The stage key hashes the pack config (minus ``workers``), the seed, the tokenizer's sha256, the
+input files (path, size, mtime) and the slicing rule. A complete manifest with the same key, and
+every shard it lists present with the right size, makes `pack_tokens` a no-op. Otherwise work
+resumes from ``_work`` when its plan has the same key (finished tasks are skipped; a task whose
+chunk is missing or truncated is redone), or starts over (stale outputs removed) when the key
+differs. Every file is written atomically, so a run killed at any point resumes to the same bytes.
+
+Encoding engines (``pack.engine``)
+----------------------------------
+``hf``: HF ``encode_batch_fast``. ``tiktoken``: `smelt.tokens.fast_bpe.FastBPE` (same ids,
+~3.5x HF's speed per core on the bench corpus; errors if the tokenizer cannot be reproduced).
+``auto``: tiktoken when `fast_bpe.analyze` accepts the tokenizer, else HF. With the fast path
+each task first encodes its first documents with both engines (``VERIFY_CHARS``); a difference
+fails the task under ``tiktoken`` and switches the task to HF (with a warning, recorded in the
+manifest) under ``auto``. Documents the fast path cannot vouch for go to HF one by one (see
+fast_bpe). Parallelism is one process per worker; in pool workers HF's own thread pool is
+limited to ``cores // workers`` threads. With one worker, tasks run in the calling process: HF
+then uses every core, tiktoken one (two threads gave only 1.25x with tiktoken 0.14, measured).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xxhash
+
+from smelt.data.executor.local import default_workers, marker_path, run_tasks
+from smelt.fsutil import atomic_open, atomic_write_json, read_json
+from smelt.tokens.shards import HEADER_BYTES, dtype_for_vocab, open_shard, write_shard
+
+if TYPE_CHECKING:  # workers never import the recipe schema (pydantic: ~0.1 s per process start)
+    from smelt.config import PackConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PackError", "PackTask", "find_shards", "frame_documents", "pack_tokens", "plan_tasks", "read_manifest",
+           "stage_key", "val_count", "val_key"]
+
+FORMAT_VERSION = 1
+WORK = "_work"
+SPLITS = ("train", "val")
+# Inputs larger than this on disk are cut into slices of about this size: ~100 MB of text for
+# zstd JSONL (~3x), i.e. ~25M tokens, ~10-20 s of one core with the fast path. Small enough to
+# keep every core busy on a few big files, large enough that per-task costs vanish.
+SLICE_BYTES = 32 << 20
+# Texts per encode call: amortizes per-call overhead (HF spreads a batch over its threads)
+# while bounding memory.
+BATCH_CHARS = 1 << 20
+BATCH_DOCS = 4096
+# Characters of each task's first documents encoded by both engines when the fast path is on:
+# HF is ~4x slower per core, so this costs ~4 x 2 KB / task size (~1% for a 1 MB task).
+VERIFY_CHARS = 2048
+# Below this many tokens, assembling in the parent beats starting a process pool (~0.5 s).
+INLINE_ASSEMBLE_TOKENS = 64_000_000
+_VAL_KEY_PREFIX = b"smelt.pack.val\0"
+_U64 = (1 << 64) - 1
+_SHARD_RE = re.compile(r"^(train|val)-\d{5,}\.(bin|idx)$")
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, tasks done, tasks in phase)
+
+
+class PackError(RuntimeError):
+    """The packing stage cannot run or a task failed; the message names the file or setting."""
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass(frozen=True)
+class PackTask:
+    """Records ``[start, stop)`` of one input file (``stop`` None: to the end of the file)."""
+
+    domain: str
+    path: str
+    start: int = 0
+    stop: int | None = None
+
+
+def _check_domain(domain: str) -> None:
+    if (not domain or domain in (".", "..") or domain.startswith((".", "_"))
+            or any(c in domain for c in "/\\\0")):
+        raise PackError(f"pack: domain name {domain!r} cannot be a directory name")
+
+
+def count_records(path: Path) -> int:
+    """Records in one curated shard (JSONL: newline count without parsing; Parquet: metadata)."""
+    name = path.name
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    if name.endswith((".jsonl", ".jsonl.zst", ".jsonl.zstd")):
+        import zstandard
+
+        n, last = 0, b"\n"
+        with open(path, "rb") as raw:
+            stream = zstandard.ZstdDecompressor().stream_reader(raw) if name.endswith(("zst", "zstd")) else raw
+            try:
+                while block := stream.read(1 << 22):
+                    n += block.count(b"\n")
+                    last = block[-1:]
+            except zstandard.ZstdError as e:
+                raise PackError(f"pack: cannot read input shard {path}: {e}") from e
+        return n + (last != b"\n")
+    from smelt.data.io import read_shard
+
+    return sum(1 for _ in read_shard(path))
+
+
+def plan_tasks(shard_files: dict[str, list[Path]], slice_bytes: int = SLICE_BYTES) -> list[PackTask]:
+    """Tasks in corpus order: domains sorted, files in the order given, slices in file order."""
+    tasks: list[PackTask] = []
+    for domain in sorted(shard_files):
+        _check_domain(domain)
+        for f in shard_files[domain]:
+            p = Path(f)
+            if not p.is_file():
+                raise PackError(f"pack: input shard {p} does not exist (domain {domain})")
+            size = p.stat().st_size
+            n_slices = max(1, math.ceil(size / slice_bytes))
+            if n_slices == 1:
+                tasks.append(PackTask(domain, str(p)))
+                continue
+            n = count_records(p)
+            per = max(1, math.ceil(n / n_slices))
+            starts = list(range(0, max(n, 1), per))
+            for j, a in enumerate(starts):
+                tasks.append(PackTask(domain, str(p), a, starts[j + 1] if j + 1 < len(starts) else None))
+    return tasks
+
+
+def find_shards(clean_dir: Path) -> dict[str, list[Path]]:
+    """``{domain: sorted shard files}`` of a curation output (``<run>/data/clean/<domain>/*``)."""
+    from smelt.data.io import is_ignored_name
+
+    clean_dir = Path(clean_dir)
+    if not clean_dir.is_dir():
+        raise PackError(f"pack: no curated shards at {clean_dir} (run `smelt data` first)")
+    return {d.name: sorted(f for f in d.iterdir() if f.is_file() and not is_ignored_name(f.name))
+            for d in sorted(clean_dir.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))}
+
+
+def _fingerprints(shard_files: dict[str, list[Path]]) -> list[list[Any]]:
+    out = []
+    for domain in sorted(shard_files):
+        for f in shard_files[domain]:
+            st = os.stat(f)
+            out.append([domain, str(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def stage_key(cfg: PackConfig, tokenizer_sha256: str, shard_files: dict[str, list[Path]], seed: int,
+              slice_bytes: int = SLICE_BYTES) -> str:
+    """What the outputs depend on (worker count excluded: the output does not depend on it)."""
+    from smelt.config import recipe_to_dict
+
+    conf = recipe_to_dict(cfg)
+    conf.pop("workers", None)
+    blob = json.dumps({"config": conf, "seed": seed, "tokenizer_sha256": tokenizer_sha256,
+                       "inputs": _fingerprints(shard_files), "slice_bytes": slice_bytes,
+                       "format_version": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def val_key(doc_id: str, seed: int) -> int:
+    """The document's held-out ranking key (see module doc)."""
+    return xxhash.xxh3_64_intdigest(_VAL_KEY_PREFIX + doc_id.encode("utf-8", "surrogatepass"), seed=seed & _U64)
+
+
+def val_count(n_docs: int, cfg: PackConfig) -> int:
+    """How many of a domain's `n_docs` documents are held out (cap, floor, one left to train)."""
+    if n_docs <= 1:
+        return 0
+    k = max(cfg.min_val_docs, math.floor(cfg.val_fraction * n_docs + 0.5))
+    return max(0, min(k, cfg.max_val_docs, n_docs - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# encoding (runs in the workers)
+
+
+def _hf_encode_flat(tok: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    fn = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    lists = [e.ids for e in fn(list(texts), add_special_tokens=False)]
+    lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    return np.fromiter(chain.from_iterable(lists), dtype=np.uint32, count=int(lens.sum())), lens
+
+
+def frame_documents(ids: np.ndarray, lens: np.ndarray, eos: int, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``[BOS] ids EOS`` per document from back-to-back ids; returns (tokens, framed lengths)."""
+    extra = 2 if bos is not None else 1
+    out_lens = lens + extra
+    ends = np.cumsum(out_lens)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint32)
+    body = np.ones(len(out), dtype=bool)
+    body[ends - 1] = False
+    if bos is not None:
+        body[ends - out_lens] = False
+        out[ends - out_lens] = bos
+    out[body] = ids
+    out[ends - 1] = eos
+    return out, out_lens
+
+
+@dataclass
+class _WorkerState:
+    key: str
+    tasks: list[PackTask]
+    tok: Any
+    fast: Any  # FastBPE or None
+    requested: str
+    eos: int
+    bos: int | None
+    dtype: np.dtype
+    seed: int
+
+
+_STATE: dict[str, _WorkerState] = {}
+
+
+def _worker_state(work: Path, key: str, parent_pid: int) -> _WorkerState:
+    cached = _STATE.get(str(work))
+    if cached is not None and cached.key == key:
+        return cached
+    plan = read_json(work / "plan.json")
+    if plan["key"] != key:
+        raise PackError(f"pack: {work}/plan.json belongs to another run")
+    if os.getpid() != parent_pid:
+        # A pool worker, one per core: HF's own thread pool (encoding, fallback, verification)
+        # must not multiply that. Read by HF before its first parallel call in this process.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(plan["threads"]))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if plan["threads"] > 1 else "false")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(plan["tokenizer"])
+    tok.encode_special_tokens = True  # special-token strings in documents are text
+    fast = None
+    if plan["engine"] == "tiktoken":
+        with open(work / "fast_bpe.pkl", "rb") as f:
+            fast = _fast_encoder(pickle.load(f), tok)
+    state = _WorkerState(key=key, tasks=[PackTask(**t) for t in plan["tasks"]], tok=tok, fast=fast,
+                         requested=plan["requested"], eos=plan["eos_id"],
+                         bos=plan["bos_id"] if plan["add_bos"] else None, dtype=np.dtype(plan["dtype"]),
+                         seed=plan["seed"])
+    _STATE.clear()  # one run at a time per process
+    _STATE[str(work)] = state
+    return state
+
+
+def _fast_encoder(spec: Any, tok: Any) -> Any:
+    from smelt.tokens.fast_bpe import FastBPE
+
+    return FastBPE(spec, tok)
+
+
+def _read_slice(task: PackTask) -> Iterator[Any]:
+    from smelt.data.io import read_shard
+
+    it = iter(read_shard(task.path))
+    n = 0
+    while task.stop is None or n < task.stop:
+        try:
+            doc = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # damaged zstd, bad JSON, missing file, ...
+            raise PackError(f"pack: cannot read input shard {task.path} (after {n} records): "
+                            f"{type(e).__name__}: {e}") from e
+        if n >= task.start:
+            yield doc
+        n += 1
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def chunk_base(work: Path, i: int) -> Path:
+    return work / "chunks" / f"{i:05d}"
+
+
+def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str, Any]:
+    """Tokenize task `i` into ``_work/chunks/<i>``; returns its counts (the completion marker)."""
+    t0 = time.perf_counter()
+    w = _worker_state(Path(work), key, parent_pid)
+    task = w.tasks[i]
+    engine = "tiktoken" if w.fast is not None else "hf"
+    verify = w.fast is not None
+    mismatch: str | None = None
+    fallback_before = Counter(w.fast.fallback_counts) if w.fast is not None else Counter()
+    keys: list[int] = []
+    nbytes: list[int] = []
+    tokens: list[np.ndarray] = []
+    lens: list[np.ndarray] = []
+    batch: list[str] = []
+    ids: list[str] = []
+    chars = 0
+
+    def flush() -> None:
+        if not batch:
+            return
+        try:
+            flat, ln = encode()
+        except PackError:
+            raise
+        except Exception as e:  # e.g. lone surrogates, which no UTF-8 tokenizer can take
+            bad_id = next((d for d, t in zip(ids, batch, strict=True) if not _encodes(t)), ids[0])
+            raise PackError(f"pack: cannot encode document {bad_id!r} of {task.path}: {type(e).__name__}: {e}") from e
+        framed, framed_lens = frame_documents(flat, ln, w.eos, w.bos)
+        tokens.append(framed)
+        lens.append(framed_lens)
+        batch.clear()
+        ids.clear()
+
+    def encode() -> tuple[np.ndarray, np.ndarray]:
+        nonlocal engine, verify, mismatch
+        if verify:
+            verify = False
+            sample, budget = [], VERIFY_CHARS
+            for text in batch:
+                if budget <= 0:
+                    break
+                sample.append(text[:budget])
+                budget -= len(sample[-1])
+            bad = w.fast.mismatches(sample)
+            if bad:
+                mismatch = ids[bad[0]]
+                msg = (f"pack: tiktoken and HF ids differ on document {mismatch!r} of {task.path} "
+                       f"(first {VERIFY_CHARS} characters of the task)")
+                if w.requested == "tiktoken":
+                    raise PackError(msg + "; use pack.engine=hf or auto")
+                log.warning("%s; this task falls back to HF", msg)
+                engine = "hf"
+        return w.fast.encode_flat(batch) if engine == "tiktoken" else _hf_encode_flat(w.tok, batch)
+
+    for doc in _read_slice(task):
+        text = doc.text
+        keys.append(val_key(doc.id, w.seed))
+        nbytes.append(len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass")))
+        batch.append(text)
+        ids.append(doc.id)
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            flush()
+            chars = 0
+    flush()
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.uint32)
+    ends = np.cumsum(np.concatenate(lens)) if lens else np.zeros(0, dtype=np.int64)
+    base = chunk_base(Path(work), i)
+    n_tok, n_doc = write_shard(base, flat, ends=ends, dtype=w.dtype)
+    with atomic_open(base.with_suffix(".meta.npz"), "wb") as f:
+        np.savez(f, keys=np.array(keys, dtype=np.uint64), nbytes=np.array(nbytes, dtype=np.int64))
+    fallback = (Counter(w.fast.fallback_counts) - fallback_before) if w.fast is not None else Counter()
+    return {"domain": task.domain, "docs": n_doc, "tokens": n_tok, "bytes": int(sum(nbytes)),
+            "engine": engine, "fallback": dict(fallback), "verify_mismatch": mismatch,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --------------------------------------------------------------------------------------------
+# validation split and assembly
+
+
+def _chunk_ok(work: Path, i: int, res: dict[str, Any], itemsize: int) -> bool:
+    base = chunk_base(work, i)
+    try:
+        return (base.with_suffix(".bin").stat().st_size == HEADER_BYTES + res["tokens"] * itemsize
+                and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * res["docs"]
+                and base.with_suffix(".meta.npz").is_file())
+    except OSError:
+        return False
+
+
+def _load_meta(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(chunk_base(work, i).with_suffix(".meta.npz")) as z:
+        return z["keys"], z["nbytes"]
+
+
+def _orders(task: int, lo: int, hi: int) -> np.ndarray:
+    return (np.uint64(task) << np.uint64(32)) | np.arange(lo, hi, dtype=np.uint64)
+
+
+def _is_val(keys: np.ndarray, orders: np.ndarray, threshold: list[int] | None) -> np.ndarray:
+    if threshold is None:
+        return np.zeros(len(keys), dtype=bool)
+    h, o = np.uint64(threshold[0]), np.uint64(threshold[1])
+    return (keys < h) | ((keys == h) & (orders <= o))
+
+
+def val_thresholds(cfg: PackConfig, work: Path, tasks: list[PackTask], results: list[dict[str, Any]]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per domain: documents, held-out count k and the (key, order) of the k-th smallest."""
+    out: dict[str, dict[str, Any]] = {}
+    by_domain: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_domain.setdefault(t.domain, []).append(i)
+    for domain, idx in by_domain.items():
+        n = sum(results[i]["docs"] for i in idx)
+        k = val_count(n, cfg)
+        threshold = None
+        if k:
+            cand_k, cand_o = [], []
+            for i in idx:
+                keys, _ = _load_meta(work, i)
+                if not len(keys):
+                    continue
+                if len(keys) > k:  # everything <= the task's k-th smallest key (ties included)
+                    sel = np.nonzero(keys <= np.partition(keys, k - 1)[k - 1])[0]
+                else:
+                    sel = np.arange(len(keys))
+                cand_k.append(keys[sel])
+                cand_o.append(_orders(i, 0, len(keys))[sel])
+            ck, co = np.concatenate(cand_k), np.concatenate(cand_o)
+            j = np.lexsort((co, ck))[k - 1]
+            threshold = [int(ck[j]), int(co[j])]
+        out[domain] = {"docs": n, "val_docs": k, "threshold": threshold}
+    return out
+
+
+def plan_assembly(cfg: PackConfig, work: Path, tasks: list[PackTask], split_info: dict[str, dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """Output shards in order: {domain, split, name, pieces [(task, lo, hi)], tokens, docs, bytes}."""
+    shards: list[dict[str, Any]] = []
+    by_domain: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_domain.setdefault(t.domain, []).append(i)
+    for domain in sorted(by_domain):
+        th = split_info[domain]["threshold"]
+        acc: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SPLITS}
+        offset = dict.fromkeys(SPLITS, 0)
+        for i in by_domain[domain]:
+            ends = np.asarray(open_shard(chunk_base(work, i)).ends, dtype=np.int64)
+            if not len(ends):
+                continue
+            doc_lens = np.diff(ends, prepend=0)
+            keys, nbytes = _load_meta(work, i)
+            val = _is_val(keys, _orders(i, 0, len(keys)), th)
+            for split, sel in (("train", ~val), ("val", val)):
+                pos = np.nonzero(sel)[0]
+                if not len(pos):
+                    continue
+                lens_s = doc_lens[pos]
+                starts = offset[split] + np.cumsum(lens_s) - lens_s
+                offset[split] += int(lens_s.sum())
+                sid = starts // cfg.shard_tokens
+                cuts = np.nonzero(np.diff(sid))[0] + 1
+                for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(pos)], strict=True):
+                    s = acc[split].setdefault(int(sid[a]), {"pieces": [], "tokens": 0, "docs": 0, "bytes": 0})
+                    s["pieces"].append([i, int(pos[a]), int(pos[b - 1]) + 1])
+                    s["tokens"] += int(lens_s[a:b].sum())
+                    s["docs"] += int(b - a)
+                    s["bytes"] += int(nbytes[pos[a:b]].sum())
+        for split in SPLITS:
+            for j, sid_ in enumerate(sorted(acc[split])):
+                shards.append({"domain": domain, "split": split, "name": f"{split}-{j:05d}", **acc[split][sid_]})
+    return shards
+
+
+_ASSEMBLY: dict[str, Any] = {}
+
+
+def _assembly_plan(work: Path, key: str) -> dict[str, Any]:
+    """``_work/assemble.json``, read once per process (it lists every shard's pieces)."""
+    plan = _ASSEMBLY.get(str(work))
+    if plan is None or plan["key"] != key:
+        plan = read_json(work / "assemble.json")
+        if plan["key"] != key:
+            raise PackError(f"pack: {work}/assemble.json belongs to another run")
+        _ASSEMBLY.clear()
+        _ASSEMBLY[str(work)] = plan
+    return plan
+
+
+def _assemble_task(j: int, *, work: str, out_dir: str, key: str) -> dict[str, Any]:
+    """Write output shard `j` of ``_work/assemble.json`` from the task chunks."""
+    plan = _assembly_plan(Path(work), key)
+    spec = plan["shards"][j]
+    th = plan["thresholds"][spec["domain"]]
+    want_val = spec["split"] == "val"
+    parts: list[np.ndarray] = []
+    lens: list[np.ndarray] = []
+    for task, lo, hi in spec["pieces"]:
+        sh = open_shard(chunk_base(Path(work), task))
+        keys, _ = _load_meta(Path(work), task)
+        keep = _is_val(keys[lo:hi], _orders(task, lo, hi), th) == want_val
+        ends = np.asarray(sh.ends[lo:hi], dtype=np.int64)
+        first = int(sh.ends[lo - 1]) if lo else 0
+        doc_lens = np.diff(ends, prepend=first)
+        toks = sh.tokens[first: int(ends[-1])]
+        parts.append(np.array(toks) if keep.all() else toks[np.repeat(keep, doc_lens)])
+        lens.append(doc_lens[keep])
+    flat = np.concatenate(parts)
+    doc_lens = np.concatenate(lens)
+    if len(flat) != spec["tokens"] or len(doc_lens) != spec["docs"]:
+        raise PackError(f"pack: shard {spec['domain']}/{spec['name']}: assembled {len(flat)} tokens / "
+                        f"{len(doc_lens)} docs, planned {spec['tokens']} / {spec['docs']}")
+    n_tok, n_doc = write_shard(Path(out_dir) / spec["domain"] / spec["name"], flat, ends=np.cumsum(doc_lens),
+                               dtype=np.dtype(plan["dtype"]))
+    return {"tokens": n_tok, "docs": n_doc}
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def _shard_files_ok(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    width = np.dtype(manifest["dtype"]).itemsize
+    for domain, splits in manifest["domains"].items():
+        for s in splits.values():
+            for name, n_tok, n_doc in zip(s["shards"], s["shard_tokens"], s["shard_docs"], strict=True):
+                base = out_dir / domain / name
+                try:
+                    if (base.with_suffix(".bin").stat().st_size != HEADER_BYTES + n_tok * width
+                            or base.with_suffix(".idx").stat().st_size != HEADER_BYTES + 8 * n_doc):
+                        return False
+                except OSError:
+                    return False
+    return True
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The stage's manifest if it is complete, else None."""
+    p = Path(out_dir) / "manifest.json"
+    try:
+        m = read_json(p)
+    except (OSError, ValueError):
+        return None
+    return m if m.get("complete") else None
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    """Remove what an earlier run with other inputs/config left (only files this stage writes)."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / WORK, ignore_errors=True)
+    if not out_dir.is_dir():
+        return
+    for d in out_dir.iterdir():
+        if d.is_dir() and d.name != WORK:
+            for f in d.iterdir():
+                if f.is_file() and (_SHARD_RE.match(f.name) or (f.name.startswith(".") and f.name.endswith(".tmp"))):
+                    f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    for f in out_dir.rglob(".*.tmp"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+
+
+def _choose_engine(cfg: PackConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
+    """(FastBPE, or None for HF; what the manifest records about the choice)."""
+    if cfg.engine == "hf":
+        return None, {"reason": "pack.engine=hf"}
+    from smelt.tokens.fast_bpe import FastBPE, FastPathUnsupported
+
+    try:
+        fast = FastBPE.from_tokenizer(tok)  # also compiles the regex: a rejected pattern fails here
+    except FastPathUnsupported as e:
+        if cfg.engine == "tiktoken":
+            raise PackError(f"pack.engine=tiktoken: this tokenizer has no exact tiktoken equivalent: {e}") from e
+        log.info("pack: tiktoken fast path off (%s); encoding with HF tokenizers", e)
+        return None, {"reason": str(e)}
+    return fast, {"fast_path": fast.spec.stats}
+
+
+def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_dir: Path, workers: int,
+                 ok: Callable[[int, dict[str, Any]], bool], progress: ProgressFn | None) -> list[dict[str, Any]]:
+    """run_tasks, then redo (once) any task whose marker exists but whose outputs do not."""
+    for attempt in range(2):
+        done = 0
+
+        def tick(_i: int) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(phase, done, n)
+
+        results = run_tasks(fn, n, done_dir, workers, on_done=tick)
+        bad = [i for i, r in enumerate(results) if not ok(i, r)]
+        if not bad:
+            return results
+        if attempt:
+            raise PackError(f"pack: {phase}: outputs of tasks {bad[:5]} are missing right after writing them")
+        log.warning("pack: %s: %d finished task(s) lost their output; redoing them", phase, len(bad))
+        for i in bad:
+            marker_path(done_dir, i).unlink(missing_ok=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, list[Path]], out_dir: Path,
+                seed: int, workers: int | None = None, progress: ProgressFn | None = None, *,
+                slice_bytes: int = SLICE_BYTES, force: bool = False) -> dict[str, Any]:
+    """Tokenize `shard_files` ({domain: curated shard files}) into `out_dir`; return the manifest.
+
+    `workers`: processes (None: ``cfg.workers``; 0: one per core). `progress(phase, done,
+    total)` is called as tasks finish. `slice_bytes`: files larger than this are split into
+    several tasks. `force`: redo everything even if a complete manifest matches.
+    """
+    from smelt.config import recipe_to_dict
+    from smelt.tokenizer.train import load_tokenizer, special_ids, tokenizer_sha256
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    tokenizer_path = Path(tokenizer_path)
+    tok_file = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
+    tok = load_tokenizer(tok_file, encode_special_tokens=True)
+    tok_sha = tokenizer_sha256(tok_file)
+    specials = special_ids(tok)
+    for name in ("eos", "bos", "pad"):
+        if name not in specials:
+            raise PackError(f"pack: tokenizer {tok_file} has no <|{name}|> special token (not a smelt tokenizer?)")
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = dtype_for_vocab(vocab_size)
+
+    tasks = plan_tasks(shard_files, slice_bytes)  # input errors surface here, before any work
+    key = stage_key(cfg, tok_sha, shard_files, seed, slice_bytes)
+    if not force:
+        m = read_manifest(out_dir)
+        if m is not None and m.get("key") == key:
+            if _shard_files_ok(out_dir, m):
+                log.info("pack: %s is complete for the same inputs, tokenizer and config; skipping", out_dir)
+                return m
+            log.warning("pack: %s: shards listed in the manifest are missing or truncated; packing again", out_dir)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    work = out_dir / WORK
+    plan_file = work / "plan.json"
+    resumable = not force and plan_file.is_file() and read_json(plan_file).get("key") == key
+    if not resumable:
+        _clear_outputs(out_dir)
+    _remove_stale_temp_files(out_dir)
+
+    n_workers = default_workers(workers if workers is not None else cfg.workers)
+    if resumable:
+        # Same key -> same tokenizer, config and inputs: the plan on disk is this run's plan.
+        plan = read_json(plan_file)
+        plan["threads"] = max(1, default_workers(0) // n_workers)
+        atomic_write_json(plan_file, plan, indent=None)
+        engine_info = plan["engine_info"]
+        log.info("pack: resuming %s", work)
+    else:
+        fast, engine_info = _choose_engine(cfg, tok)
+        engine = "tiktoken" if fast is not None else "hf"
+        work.mkdir(parents=True, exist_ok=True)
+        if fast is not None:
+            with atomic_open(work / "fast_bpe.pkl", "wb") as f:
+                pickle.dump(fast.spec, f, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write_json(plan_file, {
+            "key": key, "tokenizer": str(tok_file.resolve()), "engine": engine, "engine_info": engine_info,
+            "requested": cfg.engine, "eos_id": specials["eos"], "bos_id": specials["bos"], "add_bos": cfg.add_bos,
+            "dtype": dtype.name, "seed": seed, "threads": max(1, default_workers(0) // n_workers),
+            "tasks": [asdict(t) for t in tasks]}, indent=None)
+        # Tasks that run in this process (one worker) reuse what is already loaded here.
+        _STATE.clear()
+        _STATE[str(work)] = _WorkerState(
+            key=key, tasks=tasks, tok=tok, fast=fast,
+            requested=cfg.engine, eos=specials["eos"], bos=specials["bos"] if cfg.add_bos else None,
+            dtype=dtype, seed=seed)
+    timings: dict[str, float] = {}
+
+    ts = time.perf_counter()
+    results = _run_checked(
+        "tokenize", functools.partial(_tokenize_task, work=str(work), key=key, parent_pid=os.getpid()), len(tasks),
+        work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize), progress)
+    timings["tokenize"] = round(time.perf_counter() - ts, 3)
+    timings["tokenize_tasks_sum"] = round(sum(r["seconds"] for r in results), 3)  # busy time of the workers
+
+    ts = time.perf_counter()
+    split_info = val_thresholds(cfg, work, tasks, results)
+    shards = plan_assembly(cfg, work, tasks, split_info)
+    atomic_write_json(work / "assemble.json", {
+        "key": key, "dtype": dtype.name, "shards": shards,
+        "thresholds": {d: s["threshold"] for d, s in split_info.items()}}, indent=None)
+    total_tokens = sum(r["tokens"] for r in results)
+    asm_workers = 1 if total_tokens < INLINE_ASSEMBLE_TOKENS else n_workers
+    width = dtype.itemsize
+
+    def shard_ok(j: int, r: dict[str, Any]) -> bool:
+        base = out_dir / shards[j]["domain"] / shards[j]["name"]
+        try:
+            return (r["tokens"] == shards[j]["tokens"]
+                    and base.with_suffix(".bin").stat().st_size == HEADER_BYTES + r["tokens"] * width
+                    and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * r["docs"])
+        except OSError:
+            return False
+
+    _run_checked("assemble", functools.partial(_assemble_task, work=str(work), out_dir=str(out_dir), key=key),
+                 len(shards), work / "assemble.done", asm_workers, shard_ok, progress)
+    timings["assemble"] = round(time.perf_counter() - ts, 3)
+
+    domains: dict[str, dict[str, Any]] = {}
+    for domain in sorted(shard_files):
+        domains[domain] = {s: {"tokens": 0, "docs": 0, "bytes": 0, "shards": [], "shard_tokens": [], "shard_docs": []}
+                           for s in SPLITS}
+    for s in shards:
+        e = domains[s["domain"]][s["split"]]
+        e["tokens"] += s["tokens"]
+        e["docs"] += s["docs"]
+        e["bytes"] += s["bytes"]
+        e["shards"].append(s["name"])
+        e["shard_tokens"].append(s["tokens"])
+        e["shard_docs"].append(s["docs"])
+    used = Counter(r["engine"] for r in results)
+    fallback: Counter[str] = Counter()
+    for r in results:
+        fallback.update(r["fallback"])
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    totals = {k: sum(d[s][k] for d in domains.values() for s in SPLITS) for k in ("tokens", "docs", "bytes")}
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "stage": "pack",
+        "tokenizer": str(tok_file),
+        "tokenizer_sha256": tok_sha,
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eos_id": specials["eos"],
+        "bos_id": specials["bos"],
+        "pad_id": specials["pad"],
+        "add_bos": cfg.add_bos,
+        "domains": domains,
+        "totals": totals,
+        "val_split": {d: {"docs": s["docs"], "val_docs": s["val_docs"]} for d, s in split_info.items()},
+        "engine": {"requested": cfg.engine, "tasks": dict(used), "fallback_docs": dict(fallback),
+                   "verify_mismatches": [r["verify_mismatch"] for r in results if r["verify_mismatch"]],
+                   **engine_info},
+        "seed": seed,
+        "config": recipe_to_dict(cfg),
+        "inputs": _fingerprints(shard_files),
+        "tasks": len(tasks),
+        "workers": n_workers,
+        "timings_s": timings,
+        "key": key,
+        "complete": True,
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
+    log.info("pack: %s tokens in %s documents (%s) -> %s in %.1fs", f"{totals['tokens']:,}", f"{totals['docs']:,}",
+             ", ".join(f"{k} {v} tasks" for k, v in sorted(used.items())), out_dir, timings["total"])
+    return manifest
