@@ -416,3 +416,15 @@ def test_logits_equal_hf_llama(kw: dict) -> None:
 def test_hf_mapping_rejects_non_llama_architectures() -> None:
     with pytest.raises(ValueError, match="pos_emb"):
         hf_config(tiny(pos_emb="alibi"))
+
+
+def test_dense_model_traces_as_one_graph() -> None:
+    """torch.compile sees the whole forward (also with document masking) without graph breaks."""
+    import torch._dynamo as dynamo
+
+    model = build(tiny())
+    x = tokens(2, 16)
+    seg = (torch.arange(16) >= 8).long()[None].expand(2, 16)
+    for kwargs in ({}, {"segment_ids": seg, "position_ids": torch.arange(16)[None] % 8}):
+        explained = dynamo.explain(model)(x, **kwargs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tiny, for tests: 2 layers, GQA (4 query heads over 2 KV heads) so the GQA path is exercised.
     "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=256),
     # nanoGPT's CPU Shakespeare budget shape (4 layers, 4 heads, 128 wide; Karpathy, nanoGPT README):
-    # 0.79M non-embedding parameters with SwiGLU.
+    # 0.80M non-embedding parameters with SwiGLU.
     "cpu-1m": dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=256),
     # 8.0M non-embedding parameters: 10 x (4*256^2 attention + 3*256*704 SwiGLU).
     "cpu-8m": dict(dim=256, n_layers=10, n_heads=8, multiple_of=64, max_seq_len=1024),

@@ -114,7 +114,8 @@ class KVCache:
     far; positions continue from the cache unless `position_ids` are given. The cache also keeps
     each slot's position (for ALiBi) and segment id, so a left-padded batch prefilled with
     segment ids (padding in its own segment) keeps masking the padding while decoding; new tokens
-    without segment ids continue their row's last segment.
+    without segment ids continue their row's last segment. Make `dtype` the compute dtype (bf16
+    under bf16 autocast): keys are stored as given and read back in the query's dtype.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int | None = None, *,
@@ -315,12 +316,13 @@ class Transformer(nn.Module):
         """(Re)initialize every parameter and buffer; deterministic under torch.manual_seed.
 
         Weights and embeddings ~ N(0, init_std) truncated at 3 std: 0.02 as in GPT-2 and OLMo 2
-        (Team OLMo 2024, "2 OLMo 2 Furious", Section 3.2); LLaMA does not state its init. The
+        (Team OLMo 2024, "2 OLMo 2 Furious"); LLaMA does not state its init. The
         residual output projections (wo, w2) get init_std / sqrt(2 * n_layers) with init="scaled"
         (Radford et al. 2019, Section 2.3: keeps the residual stream's variance independent of
         depth), init_std with "normal" (OLMo 2), init_std / sqrt(2 * (layer + 1)) with "depth"
-        (torchtitan). Norm gains are 1, biases 0. Also the way to materialize a model built on the
-        meta device: ``model.to_empty(device=...); model.init_weights()`` (re-ties a tied output).
+        (torchtitan's depth_init, which also scales w3; we scale only wo and w2). Norm gains are 1,
+        biases 0. Also the way to materialize a model built on the meta device:
+        ``model.to_empty(device=...); model.init_weights()`` (re-ties a tied output).
         """
         cfg, std = self.cfg, self.cfg.init_std
         with torch.no_grad():
@@ -328,13 +330,8 @@ class Transformer(nn.Module):
             if self.pos_embeddings is not None:
                 nn.init.trunc_normal_(self.pos_embeddings.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
             for layer in self.layers:
-                if cfg.init == "scaled":
-                    out_std = std / math.sqrt(2 * cfg.n_layers)
-                elif cfg.init == "depth":
-                    out_std = std / math.sqrt(2 * (layer.layer_id + 1))
-                else:
-                    out_std = std
-                layer.init_weights(std, out_std)
+                depth = {"scaled": 2 * cfg.n_layers, "depth": 2 * (layer.layer_id + 1), "normal": 1}[cfg.init]
+                layer.init_weights(std, out_std=std / math.sqrt(depth))
             if isinstance(self.norm, (RMSNorm, nn.LayerNorm)):
                 self.norm.reset_parameters()
             if self.output is not None and cfg.tie_embeddings:
@@ -383,7 +380,8 @@ class Transformer(nn.Module):
             if segment_ids is not None:
                 cache.segments[:, start:start + T] = segment_ids
                 cache.segmented = True
-            k_pos, k_seg = cache.positions[:, :start + T], cache.segments[:, :start + T] if cache.segmented else None
+            k_pos = cache.positions[:, :start + T]
+            k_seg = cache.segments[:, :start + T] if cache.segmented else None
 
         mask: Tensor | None = None
         alibi = self.cfg.pos_emb == "alibi"
