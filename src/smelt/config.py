@@ -380,6 +380,12 @@ class CheckpointConfig(Strict):
     keep: int = Field(3, ge=1, description="Keep the last this many checkpoints.")
 
 
+class ParallelConfig(Strict):
+    """`train.parallel:` how the model and data are split over processes (issue 6: owner of this block)."""
+
+    # -- fields are filled in by the distributed-training work --
+
+
 class TrainConfig(Strict):
     """`train:` the trainer (`smelt train`)."""
 
@@ -402,6 +408,19 @@ class TrainConfig(Strict):
     peak_tflops: float | None = Field(None, gt=0.0, description="Peak TFLOP/s for MFU; None: measured matmul peak on CPU, 989 (H100 bf16) on GPU.")
     tensorboard: bool = Field(True, description="Also write TensorBoard events.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Data/tensor/pipeline parallelism.")
+
+
+class EvalConfig(Strict):
+    """`eval:` evaluation of checkpoints (`smelt eval`; issue 5: owner of this block)."""
+
+    # -- fields are filled in by the evaluation work --
+
+
+class ExportConfig(Strict):
+    """`export:` Hugging Face export (`smelt export`; issue 5: owner of this block)."""
+
+    # -- fields are filled in by the interop work --
 
 
 class Recipe(Strict):
@@ -417,6 +436,8 @@ class Recipe(Strict):
     model: ModelConfig | None = Field(
         None, description="Model architecture (preset + overrides); vocab_size from tokens/manifest.json when None.")
     train: TrainConfig | None = Field(None, description="Training stage.")
+    eval: EvalConfig | None = Field(None, description="Evaluation stage.")
+    export: ExportConfig | None = Field(None, description="Hugging Face export stage.")
 
     @model_validator(mode="after")
     def _has_stage(self) -> Recipe:
