@@ -53,6 +53,7 @@ class LoadedModel:
     checkpoint: Path  # the checkpoint directory (or the HF directory) the weights came from
     run_dir: Path | None
     special_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/pad ids when known
+    add_bos: bool = False  # the packer put BOS before every document (tokens/manifest.json add_bos)
 
     @property
     def eos_id(self) -> int | None:
@@ -115,12 +116,24 @@ def run_model_config(run_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     return resolve_model_config(recipe, manifest), manifest
 
 
-def _special_ids(manifest: dict[str, Any], tokenizer: Any | None) -> dict[str, int]:
+def _special_ids(manifest: dict[str, Any], tokenizer: Any | None, tokenizer_path: Path | None) -> dict[str, int]:
+    """bos/eos/pad ids: the tokens manifest's (what the packer framed documents with), else the
+    tokens named in tokenizer_config.json (imported HF tokenizers), else smelt's ``<|eos|>`` names."""
+    hf_names: dict[str, Any] = {}
+    if tokenizer_path is not None and (tokenizer_path.parent / "tokenizer_config.json").is_file():
+        try:
+            hf_names = read_json(tokenizer_path.parent / "tokenizer_config.json")
+        except ValueError as e:
+            log.warning("load: %s unreadable (%s); ignoring it", tokenizer_path.parent / "tokenizer_config.json", e)
     ids: dict[str, int] = {}
     for name in ("bos", "eos", "pad"):
         v = manifest.get(f"{name}_id")
         if v is None and tokenizer is not None:
-            v = tokenizer.token_to_id(f"<|{name}|>")
+            token = hf_names.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            v = tokenizer.token_to_id(token) if isinstance(token, str) else None
+            if v is None:
+                v = tokenizer.token_to_id(f"<|{name}|>")
         if v is not None:
             ids[name] = int(v)
     return ids
@@ -179,4 +192,5 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
              f"{state.get('tokens_seen', 0):,}", ckpt)
     return LoadedModel(model=model, cfg=cfg, tokenizer=tokenizer, tokenizer_path=tok_path if tokenizer else None,
                        step=int(state["step"]), tokens_seen=int(state.get("tokens_seen", 0)), checkpoint=ckpt,
-                       run_dir=run_dir, special_ids=_special_ids(manifest, tokenizer))
+                       run_dir=run_dir, special_ids=_special_ids(manifest, tokenizer, tok_path),
+                       add_bos=bool(manifest.get("add_bos", False)))
