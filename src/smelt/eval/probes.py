@@ -233,7 +233,7 @@ def _plot(series: dict[tuple[str, str], list[tuple[int, float]]], path: Path) ->
     import matplotlib.pyplot as plt
 
     kinds = [k for k in ("target", "compare") if any(s[0] == k for s in series)]
-    fig, axes = plt.subplots(max(1, len(kinds)), 1, figsize=(8, 3.6 * max(1, len(kinds))), squeeze=False)
+    fig, axes = plt.subplots(max(1, len(kinds)), 1, figsize=(10, 3.6 * max(1, len(kinds))), squeeze=False)
     labels = {"target": "log P(target | prompt) (nats)", "compare": "ln PPL(other) - ln PPL(expected)"}
     for ax, kind in zip(axes[:, 0], kinds):
         for (k, name), pts in sorted(series.items()):
@@ -246,7 +246,7 @@ def _plot(series: dict[tuple[str, str], list[tuple[int, float]]], path: Path) ->
         ax.set_ylabel(labels[kind])
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle("probes across checkpoints")
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
