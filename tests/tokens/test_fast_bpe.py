@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -302,3 +303,90 @@ def test_real_text_from_shared_data(shared_data: Path, smelt_tokenizer: Tokenize
     texts += ["\n".join(lines[i: i + 40]) for i in range(0, 2000, 40)]
     fast = FastBPE.from_tokenizer(smelt_tokenizer)
     assert fast.encode_batch(texts) == hf_ids(smelt_tokenizer, texts)
+
+
+def test_joined_calls_equal_one_call_per_document(smelt_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # encode_flat joins documents with its separator special token. Each document must still be
+    # pre-tokenized alone: whitespace at the edges (`\s+(?!\S)` looks ahead), empty documents,
+    # and documents that spell the separator, or half of it next to the real one, as text.
+    from smelt.tokens import fast_bpe
+
+    sep = fast_bpe._NEVER_SPECIAL
+    edge = ["  trailing  ", "\n\n", "", "x", "  ", "leading", " \t", "中文 ", "end\r\n"]
+    spelled = [f"a{sep}b", sep, f"tail \x00{fast_bpe._SEP_CORE}", f"{fast_bpe._SEP_CORE}\x00 head",
+               f"\x00{fast_bpe._SEP_CORE}", "\x00"]
+    texts = edge + spelled + TRICKY + mixed_docs(60, seed=3) + edge
+    fast = FastBPE.from_tokenizer(smelt_tokenizer)
+    want = hf_ids(smelt_tokenizer, texts)
+    alone = [fast._encode(t).tolist() for t in texts]  # one tiktoken call per document
+    monkeypatch.setattr(fast_bpe, "JOIN_CHARS", 200)  # many joined calls, cut at varying places
+    got = fast.encode_batch(texts)
+    assert got == want
+    # documents that fell back to HF aside, tiktoken's joined ids are its own per-document ids
+    plain = [i for i, t in enumerate(texts) if fast.fallback_reason(t) is None]
+    assert len(plain) > len(texts) - 5 and all(got[i] == alone[i] for i in plain)
+    assert fast.fallback_counts["uncovered_text"] == 0  # spelled separators were caught before the join
+
+
+def test_fallback_counts_per_call_and_threads(smelt_tokenizer: Tokenizer) -> None:
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast = FastBPE.from_tokenizer(smelt_tokenizer)
+    batches = [TRICKY + mixed_docs(40, seed=s) for s in range(8)]
+    want = [hf_ids(smelt_tokenizer, b) for b in batches]
+    counts = [Counter() for _ in batches]
+    with ThreadPoolExecutor(4) as ex:  # one encoder shared by threads, each call with its counter
+        flats = list(ex.map(lambda j: fast.encode_flat(batches[j], counts[j]), range(len(batches))))
+    for (flat, lens), w in zip(flats, want, strict=True):
+        assert [a.tolist() for a in np.split(flat, np.cumsum(lens)[:-1])] == w
+    assert not fast.fallback_counts  # per-call counters: the shared one is untouched
+    assert all(c == counts[0] and c["special_string"] >= 1 for c in counts)
+    assert fast.mismatches(batches[0]) == [] and not fast.fallback_counts  # verification is not counted
+    fast.encode_flat(batches[0])
+    assert fast.fallback_counts == counts[0]
+
+
+def test_analysis_cache(smelt_tokenizer: Tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from smelt.tokens.fast_bpe import cached_analyze, load_spec, spec_cache_key
+
+    path = tmp_path / "tokenizer.json"
+    smelt_tokenizer.save(str(path))
+    spec, hit = cached_analyze(smelt_tokenizer, path)
+    assert not hit
+    (cache,) = tmp_path.glob(".smelt-fast-bpe-*.npz")
+    again, hit = cached_analyze(smelt_tokenizer, path)
+    assert hit
+    ref = analyze(smelt_tokenizer)
+    for name in ("pat_str", "mergeable_ranks", "fallback_strings", "normalize", "unassigned", "stats"):
+        assert getattr(again, name) == getattr(ref, name) == getattr(spec, name), name
+    assert np.array_equal(again.token_nbytes, ref.token_nbytes) and again.rank_to_id is ref.rank_to_id is None
+    texts = TRICKY + mixed_docs(30, seed=9)
+    assert FastBPE(again, smelt_tokenizer).encode_batch(texts) == hf_ids(smelt_tokenizer, texts)
+    # another tokenizer file (another sha256) never reads this entry
+    assert load_spec(cache, spec_cache_key("0" * 64)) is None
+    # a damaged cache is ignored (with a warning) and rewritten
+    cache.write_bytes(cache.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        _, hit = cached_analyze(smelt_tokenizer, path)
+    assert not hit and "unreadable" in caplog.text
+    assert cached_analyze(smelt_tokenizer, path)[1]
+
+
+def test_analysis_cache_keeps_a_rank_to_id_table(tmp_path: Path) -> None:
+    from smelt.tokens.fast_bpe import load_spec, save_spec
+
+    vocab, merges = _merge_table(3)
+    learned = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 256]
+    shuffled = dict(vocab)
+    for t, new_id in zip(learned, reversed(range(256, 256 + len(learned))), strict=True):
+        shuffled[t] = new_id  # ids not in merge order: ranks need the table
+    tok = _bpe_tokenizer(shuffled, merges, ignore_merges=False)
+    spec = analyze(tok)
+    assert spec.rank_to_id is not None
+    save_spec(spec, tmp_path / "s.npz", "k")
+    back = load_spec(tmp_path / "s.npz", "k")
+    assert back is not None and np.array_equal(back.rank_to_id, spec.rank_to_id)
+    assert back.mergeable_ranks == spec.mergeable_ranks
+    texts = ["".join(p) for n in range(1, 5) for p in itertools.product("abcd", repeat=n)]
+    assert FastBPE(back, tok).encode_batch(texts) == hf_ids(tok, texts)

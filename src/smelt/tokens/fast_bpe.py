@@ -77,15 +77,20 @@ is applied with HF's own ``normalize_str`` before tiktoken.
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
 import logging
 import re
+import threading
 import unicodedata
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,8 +98,8 @@ from tokenizers import Tokenizer, models
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FastBPE", "FastBPESpec", "FastPathUnsupported", "analyze", "bytes_to_unicode", "token_bytes",
-           "translate_pre_tokenizer"]
+__all__ = ["FastBPE", "FastBPESpec", "FastPathUnsupported", "analyze", "bytes_to_unicode", "cached_analyze",
+           "load_spec", "save_spec", "spec_cache_key", "token_bytes", "translate_pre_tokenizer"]
 
 # HF `pre_tokenizers.ByteLevel(use_regex=True)`: GPT-2's split (tokenizers/src/pre_tokenizers/byte_level.rs).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -102,9 +107,20 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 WHOLE_TEXT_PATTERN = r"[\s\S]+"
 
 
-# Never in any text (NULs), never allowed: see FastBPE.__init__.
-_NEVER_SPECIAL = "\x00<|smelt:no-special-token|>\x00"
+# tiktoken's one special token: the document separator of `FastBPE.encode_flat`'s joined calls
+# (allowed there, and only there). A document that contains its core is encoded on its own,
+# where the string is plain text: the core holds no NUL and no prefix of it is also a suffix, so
+# any occurrence of the separator in the joined text other than the real ones would put a whole
+# core inside one document.
+_SEP_CORE = "<|smelt:no-special-token|>"
+_NEVER_SPECIAL = f"\x00{_SEP_CORE}\x00"
+_SEP_ALLOWED = frozenset([_NEVER_SPECIAL])
 _EMPTY = np.zeros(0, dtype=np.uint32)
+# Characters per joined tiktoken call in `encode_flat`: bounds the joined string and the token
+# buffer (~4 bytes/char + ~1 token/3 chars), while one call releases the GIL for ~0.2 s of work.
+JOIN_CHARS = 4 << 20
+# Version of the analysis and of its file format (`save_spec`): part of the cache key.
+SPEC_FORMAT = 1
 
 
 class FastPathUnsupported(ValueError):
@@ -340,11 +356,101 @@ def analyze(tokenizer: Tokenizer) -> FastBPESpec:
                        unassigned=unassigned_ranges(), stats=stats)
 
 
+# --------------------------------------------------------------------------------------------
+# the analysis on disk: computed once per tokenizer (~0.3 s for 32k tokens), then loaded (~10 ms)
+
+
+def spec_cache_key(tokenizer_sha256: str) -> str:
+    """What an analysis depends on: the tokenizer file, HF's BPE (reachability is HF's own answer),
+    Python's Unicode database (the unassigned ranges) and this module's format."""
+    import tokenizers
+
+    blob = json.dumps({"tokenizer_sha256": tokenizer_sha256, "tokenizers": tokenizers.__version__,
+                       "unicode": unicodedata.unidata_version, "format": SPEC_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _spec_arrays(spec: FastBPESpec, key: str) -> dict[str, np.ndarray]:
+    items = sorted(spec.mergeable_ranks.items(), key=lambda kv: kv[1])
+    lengths = np.fromiter((len(b) for b, _ in items), dtype=np.int64, count=len(items))
+    meta = {"format": SPEC_FORMAT, "key": key, "pat_str": spec.pat_str,
+            "fallback_strings": list(spec.fallback_strings), "normalize": spec.normalize, "stats": spec.stats}
+    return {
+        "meta": np.frombuffer(json.dumps(meta, ensure_ascii=True).encode(), dtype=np.uint8),
+        "rank_bytes": np.frombuffer(b"".join(b for b, _ in items), dtype=np.uint8),
+        "rank_offsets": np.concatenate([[0], np.cumsum(lengths)]),
+        "rank_values": np.fromiter((r for _, r in items), dtype=np.int64, count=len(items)),
+        "rank_to_id": spec.rank_to_id if spec.rank_to_id is not None else np.zeros(0, dtype=np.int64),
+        "token_nbytes": spec.token_nbytes,
+        "unassigned": np.asarray(spec.unassigned, dtype=np.int64).reshape(-1, 2),
+    }
+
+
+def save_spec(spec: FastBPESpec, path: Path, key: str) -> None:
+    """Write `spec` as an ``.npz`` of plain arrays (no pickle: loading it runs no code), atomically."""
+    from smelt.fsutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **_spec_arrays(spec, key))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_spec(path: Path, key: str) -> FastBPESpec | None:
+    """The spec saved at `path` under `key`; None when absent, written under another key, or
+    unreadable (a damaged cache is recomputed, never trusted)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            if meta.get("format") != SPEC_FORMAT or meta.get("key") != key:
+                return None
+            blob, offsets, values = z["rank_bytes"].tobytes(), z["rank_offsets"], z["rank_values"]
+            lut, nbytes, unassigned = z["rank_to_id"], z["token_nbytes"], z["unassigned"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:  # damaged file
+        log.warning("fast_bpe: ignoring unreadable analysis cache %s (%s: %s)", path, type(e).__name__, e)
+        return None
+    if len(offsets) != len(values) + 1 or (len(offsets) and int(offsets[-1]) != len(blob)):
+        log.warning("fast_bpe: ignoring inconsistent analysis cache %s", path)
+        return None
+    bounds = offsets.tolist()
+    ranks = {blob[a:b]: r for a, b, r in zip(bounds[:-1], bounds[1:], values.tolist(), strict=True)}
+    return FastBPESpec(pat_str=meta["pat_str"], mergeable_ranks=ranks, rank_to_id=lut if len(lut) else None,
+                       token_nbytes=nbytes, fallback_strings=tuple(meta["fallback_strings"]),
+                       normalize=bool(meta["normalize"]),
+                       unassigned=tuple((int(a), int(b)) for a, b in unassigned.tolist()), stats=meta["stats"])
+
+
+def cached_analyze(tokenizer: Tokenizer, tokenizer_file: Path, tokenizer_sha256: str | None = None
+                   ) -> tuple[FastBPESpec, bool]:
+    """`analyze(tokenizer)`, cached beside `tokenizer_file` (``.smelt-fast-bpe-<key>.npz``).
+
+    Returns (spec, whether it came from the cache). `tokenizer` must be the one loaded from
+    `tokenizer_file` (its sha256 keys the cache). A directory that cannot be written only costs
+    the analysis on every call; `FastPathUnsupported` is never cached (it is raised early).
+    """
+    tokenizer_file = Path(tokenizer_file)
+    if tokenizer_sha256 is None:
+        tokenizer_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    key = spec_cache_key(tokenizer_sha256)
+    path = tokenizer_file.parent / f".smelt-fast-bpe-{key[:16]}.npz"
+    spec = load_spec(path, key)
+    if spec is not None:
+        return spec, True
+    spec = analyze(tokenizer)
+    try:
+        save_spec(spec, path, key)
+    except OSError as e:  # read-only tokenizer directory: fine, just slower next time
+        log.info("fast_bpe: cannot cache the analysis beside %s (%s)", tokenizer_file, e)
+    return spec, False
+
+
 class FastBPE:
     """tiktoken-driven encoder with HF's ids; documents it cannot vouch for go to HF.
 
     ``tokenizer`` is the HF tokenizer used for the fallback (``encode_special_tokens`` is set
-    on it). Not thread-safe (counters); one per process.
+    on it). Thread-safe: tiktoken and HF encode without shared mutable state and release the GIL
+    while they work; the fallback counters are per call (``counts``) or merged under a lock.
     """
 
     def __init__(self, spec: FastBPESpec, tokenizer: Tokenizer) -> None:
@@ -356,21 +462,27 @@ class FastBPE:
         self.spec = spec
         self.hf = tokenizer
         self.hf.encode_special_tokens = True
-        # One special token that no text contains and that is never allowed: with none at all
-        # tiktoken's special-token scan runs an empty regex that matches at every position
-        # (25% slower); never allowed, it could only ever be encoded as text anyway.
-        never = {_NEVER_SPECIAL: max(spec.mergeable_ranks.values()) + 1}
+        # One special token, the document separator of joined calls (`encode_flat`). It also
+        # keeps tiktoken off its empty special-token regex, which matches at every position and
+        # costs 25% when there is no special token at all.
+        self._sep_rank = max(spec.mergeable_ranks.values()) + 1
         try:
             self._enc = tiktoken.Encoding("smelt-fast-bpe", pat_str=spec.pat_str,
-                                          mergeable_ranks=spec.mergeable_ranks, special_tokens=never)
+                                          mergeable_ranks=spec.mergeable_ranks,
+                                          special_tokens={_NEVER_SPECIAL: self._sep_rank})
         except Exception as e:  # fancy-regex rejects the pattern, ...
             raise FastPathUnsupported(f"tiktoken cannot build the encoding: {e}") from e
         # encode_to_numpy (tiktoken >= 0.7) returns a uint32 buffer: no Python int per token.
         if hasattr(self._enc, "encode_to_numpy"):
             self._encode = functools.partial(self._enc.encode_to_numpy, allowed_special=frozenset(),
                                              disallowed_special=())
+            self._encode_joined = functools.partial(self._enc.encode_to_numpy, allowed_special=_SEP_ALLOWED,
+                                                    disallowed_special=())
         else:  # pragma: no cover - old tiktoken
             self._encode = lambda t: np.asarray(self._enc.encode_ordinary(t), dtype=np.uint32)
+            self._encode_joined = lambda t: np.asarray(
+                self._enc.encode(t, allowed_special=_SEP_ALLOWED, disallowed_special=()), dtype=np.uint32)
+        self._lock = threading.Lock()
         self._normalizer = tokenizer.normalizer if spec.normalize else None
         self._strings_rx = (re.compile("|".join(map(re.escape, sorted(spec.fallback_strings, key=len, reverse=True))))
                             if spec.fallback_strings else None)
@@ -405,24 +517,74 @@ class FastBPE:
         fn = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
         return [e.ids for e in fn(list(texts), add_special_tokens=False)]
 
-    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Encode documents; returns (all ids back to back as uint32, per-document lengths)."""
+    def _count(self, found: Counter[str], counts: Counter[str] | None) -> None:
+        if counts is not None:
+            counts.update(found)
+        elif found:
+            with self._lock:
+                self.fallback_counts.update(found)
+
+    def encode_flat(self, texts: Sequence[str], counts: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encode documents; returns (all ids back to back as uint32, per-document lengths).
+
+        Documents go to tiktoken joined by the separator special token, ~`JOIN_CHARS` characters
+        per call (one GIL release per call, not per document); tiktoken splits its input at
+        special tokens and runs the regex on each piece alone, so every document is pre-tokenized
+        exactly as if it were encoded by itself (tests/tokens/test_fast_bpe.py checks this).
+        Fallback documents are counted by reason into `counts` (None: ``self.fallback_counts``).
+        """
         n = len(texts)
-        arrays: list[np.ndarray] = []
+        found: Counter[str] = Counter()
+        if not n:
+            return _EMPTY, np.zeros(0, dtype=np.int64)
+        lens = np.zeros(n, dtype=np.int64)
         nbytes = np.zeros(n, dtype=np.int64)
+        own: dict[int, np.ndarray] = {}  # documents encoded on their own (they contain the separator)
         slow: list[int] = []
+        pieces: list[np.ndarray] = []
+        joined: list[str] = []
+        chars = 0
+
+        def flush() -> None:
+            if not joined:
+                return
+            buf = self._encode_joined(_NEVER_SPECIAL.join(joined))
+            sep = buf == self._sep_rank
+            pos = np.flatnonzero(sep)
+            if len(pos) != len(joined) - 1:  # pragma: no cover - would mean tiktoken split differently
+                raise RuntimeError(f"fast_bpe: {len(pos)} separators for {len(joined)} documents")
+            lens_at.append(np.diff(pos, prepend=-1, append=len(buf)) - 1)
+            pieces.append(buf[~sep] if len(pos) else buf)
+            joined.clear()
+
+        lens_at: list[np.ndarray] = []
         for i, text in enumerate(texts):
             t = self._normalizer.normalize_str(text) if self._normalizer is not None else text
             why = self.fallback_reason(t)
             if why is not None:
-                self.fallback_counts[why] += 1
+                found[why] += 1
                 slow.append(i)
-                arrays.append(_EMPTY)
-                continue
-            arrays.append(self._encode(t))
-            nbytes[i] = len(t) if t.isascii() else len(t.encode("utf-8"))
-        lens = np.fromiter(map(len, arrays), dtype=np.int64, count=n)
-        flat = np.concatenate(arrays) if arrays else _EMPTY
+                t = ""  # stays in the joined call as an empty document: 0 tokens, 0 bytes expected
+            elif _SEP_CORE in t:
+                own[i] = self._encode(t)  # the separator is plain text here
+                t = ""
+            else:
+                nbytes[i] = len(t) if t.isascii() else len(t.encode("utf-8"))
+            joined.append(t)
+            chars += len(t)
+            if chars >= JOIN_CHARS:
+                flush()
+                chars = 0
+        flush()
+        lens[:] = np.concatenate(lens_at)
+        flat = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        if own:  # rare: splice the separately encoded documents in
+            parts = np.split(flat, np.cumsum(lens)[:-1])
+            for i, ids in own.items():
+                parts[i], lens[i] = ids, len(ids)
+                nbytes[i] = len(texts[i].encode("utf-8")) if self._normalizer is None else len(
+                    self._normalizer.normalize_str(texts[i]).encode("utf-8"))
+            flat = np.concatenate(parts)
         if self.spec.rank_to_id is not None:
             flat = self.spec.rank_to_id[flat].astype(np.uint32)
         # Fallback 3: tokens must spell every byte of the text (tiktoken drops unmatched text).
@@ -431,16 +593,18 @@ class FastBPE:
         ends = np.cumsum(lens)
         covered = cs[ends] - cs[ends - lens]
         gaps = np.nonzero(covered != nbytes)[0].tolist()  # fallback docs: 0 bytes, 0 tokens
-        self.fallback_counts["uncovered_text"] += len(gaps)
+        if gaps:
+            found["uncovered_text"] += len(gaps)
+        self._count(found, counts)
         slow += gaps
         if not slow:
             return flat, lens
         slow.sort()
-        parts = np.split(flat, ends[:-1]) if n else []
+        parts = np.split(flat, ends[:-1])
         for i, ids in zip(slow, self._hf_ids([texts[i] for i in slow]), strict=True):
             parts[i] = np.asarray(ids, dtype=np.uint32)
             lens[i] = len(ids)
-        return (np.concatenate(parts) if parts else flat), lens
+        return np.concatenate(parts), lens
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Like HF ``[e.ids for e in encode_batch(texts, add_special_tokens=False)]``."""
@@ -451,8 +615,7 @@ class FastBPE:
         return self.encode_batch([text])[0]
 
     def mismatches(self, texts: Sequence[str]) -> list[int]:
-        """Indices of `texts` where this encoder and HF disagree (verification)."""
-        counts = Counter(self.fallback_counts)  # a verification is not a use: keep the counters
-        ours = self.encode_batch(texts)
-        self.fallback_counts = counts
+        """Indices of `texts` where this encoder and HF disagree (verification; not counted)."""
+        flat, lens = self.encode_flat(texts, counts=Counter())  # a verification is not a use
+        ours = [a.tolist() for a in np.split(flat, np.cumsum(lens)[:-1])] if len(texts) else []
         return [i for i, (a, b) in enumerate(zip(ours, self._hf_ids(texts), strict=True)) if a != b]
