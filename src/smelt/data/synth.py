@@ -8,7 +8,7 @@ planted (``meta["planted"]``), so tests and the demo can check that every proble
   with a few words changed
 - ``pii``: prose with e-mails, phone numbers, ID numbers, card numbers and IPs
 - ``boilerplate``: prose with repost lines ("转载自…", "Originally published at …") and a
-  navigation footer repeated across many pages
+  navigation footer repeated across many pages (``meta["boilerplate_lines"]`` lists them)
 - ``spam``: keyword-stuffed ads, link lists, repeated phrases
 - ``mojibake``: UTF-8 text decoded as Latin-1
 - ``short``: a few words only
@@ -195,8 +195,9 @@ def generate(n: int = 200, seed: int = 0, eval_items: list[str] | None = None,
         elif kind == "boilerplate":
             head = ("转载自：示例新闻网 www.example.cn" if lang == "zh"
                     else "Originally published at www.example-news.com")
-            footer = "\n".join(_FOOTER_ZH if lang == "zh" else _FOOTER_EN)
-            text = f"{head}\n\n{prose(rng, lang)}\n\n{footer}"
+            footer_lines = _FOOTER_ZH if lang == "zh" else _FOOTER_EN
+            text = f"{head}\n\n{prose(rng, lang)}\n\n" + "\n".join(footer_lines)
+            meta["boilerplate_lines"] = [head, *footer_lines]
         elif kind == "spam":
             words = _SPAM_EN if lang == "en" else _SPAM_ZH
             lines = [" ".join(rng.choices(words, k=6)) for _ in range(rng.randint(8, 20))]

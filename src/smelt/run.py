@@ -1,0 +1,518 @@
+"""`smelt run`: every stage in order, each skipped when it is complete for the same inputs/config.
+
+    [demo corpus] -> data -> tokenizer -> pack -> train -> eval -> export -> report
+
+Each stage is the same library call its own verb makes (`smelt data`, `smelt tokenizer`, ...),
+so a stage run here and a stage run by hand are interchangeable. What decides "complete for the
+same inputs and config" is a **stage key**: the stage's own key (the hash its manifest records:
+curation's ``stage_key``, the tokenizer's ``fingerprint``, packing's ``stage_key``, the trainer's
+``run_config_hash``; for the later stages a hash of their recipe section) chained with the key
+of the stage before it, so that redoing any stage invalidates everything after it.
+
+``runs/<name>/run.json`` (format version 1) records, per stage::
+
+    status        complete | running | failed | unavailable | not_configured
+    key           the stage key it completed with
+    action        ran | up to date | resumed | skipped   (what the last `smelt run` did)
+    started_at, ended_at, duration_s   of the last execution that did work
+    summary       a few numbers from the stage's manifest
+    error         the message of a failure
+
+A stage is skipped when ``run.json`` says complete with the same key *and* the stage's own
+completion marker is on disk (data/manifest.json, tokenizer/stats.json, tokens/manifest.json,
+train/manifest.json, eval/results.json, export/config.json, report.html); otherwise the stage
+function is called, and resumes from its own partial state where it has one (curation task
+markers, packing chunks, training checkpoints). ``from_stage`` redoes that stage and every later
+one; ``only`` redoes just that one.
+
+Stages whose implementation is not in this build (``smelt.eval.runner``,
+``smelt.interop.hf``) are logged and recorded as ``unavailable``; the report says "stage not run".
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import importlib.util
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from smelt.config import Recipe, RecipeError, apply_override, config_hash, parse_recipe, recipe_to_dict
+from smelt.fsutil import atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("data", "tokenizer", "pack", "train", "eval", "export", "report")
+RUN_VERSION = 1
+DEMO_ENV = "SMELT_DEMO"  # full | tiny: the built-in demo's size (the tests use tiny)
+RUN_DIR_VAR = "${run_dir}"
+STDLIB_VAR = "${stdlib}"  # the running Python's standard library: a code corpus every machine has
+
+
+class StageProgress(Protocol):
+    """What `run` drives for a progress display (the CLI's RichProgress)."""
+
+    def start(self, phase: str, total: int) -> None: ...
+
+    def advance(self, phase: str) -> None: ...
+
+    def update(self, phase: str, done: int, total: int) -> None: ...
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; run.json records it and the message names the stage."""
+
+
+# --------------------------------------------------------------------------------------------
+# recipes: the built-in demo, ${run_dir}, the tiny overlay
+
+
+def demo_recipe_path() -> Path:
+    return Path(str(resources.files("smelt") / "resources" / "demo.yaml"))
+
+
+def _tiny_overlay_path() -> Path:
+    return Path(str(resources.files("smelt") / "resources" / "demo-tiny.yaml"))
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _substitute(node: Any, run_dir: str) -> Any:
+    if isinstance(node, str):
+        if STDLIB_VAR in node:
+            import sysconfig
+
+            node = node.replace(STDLIB_VAR, sysconfig.get_paths()["stdlib"])
+        return node.replace(RUN_DIR_VAR, run_dir)
+    if isinstance(node, list):
+        return [_substitute(v, run_dir) for v in node]
+    if isinstance(node, dict):
+        return {k: _substitute(v, run_dir) for k, v in node.items()}
+    return node
+
+
+def _read_tree(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not UTF-8 text") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """The recipe `smelt run` executes: `path` (None: the built-in demo) with overrides applied.
+
+    With ``run.demo`` on, the size comes from ``--set run.demo=...``, else ``$SMELT_DEMO``, else
+    the recipe; ``tiny`` also applies the packaged tiny overlay (smaller model, fewer steps),
+    under the user's overrides. ``${run_dir}`` in any string becomes ``<runs_dir>/<name>`` and
+    ``${stdlib}`` the running Python's standard-library directory.
+    """
+    overrides = list(overrides or [])
+    base = _read_tree(Path(path) if path is not None else demo_recipe_path())
+    tree = copy.deepcopy(base)
+    for ov in overrides:
+        apply_override(tree, ov)
+    run_sec = tree.get("run") or {}
+    demo = run_sec.get("demo", "off") if isinstance(run_sec, dict) else "off"
+    env = os.environ.get(DEMO_ENV)
+    if demo != "off" and env and not any(o.split("=", 1)[0].strip() == "run.demo" for o in overrides):
+        if env not in ("full", "tiny"):
+            raise RecipeError(f"${DEMO_ENV}={env!r}: expected full or tiny")
+        demo = env
+    if demo == "tiny":
+        tree = _deep_merge(base, _read_tree(_tiny_overlay_path()))
+        tree.setdefault("run", {})["demo"] = "tiny"
+        for ov in overrides:
+            apply_override(tree, ov)
+    elif demo != "off":
+        tree.setdefault("run", {})["demo"] = demo
+    run_dir = str(Path(str(tree.get("runs_dir", "runs"))) / str(tree.get("name", "run")))
+    return parse_recipe(_substitute(tree, run_dir))
+
+
+def write_resolved_recipe(recipe: Recipe, source: str | None) -> Path:
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# resolved recipe (from {source or 'the built-in demo'}, overrides applied)\n"
+    atomic_write_text(run_dir / "recipe.yaml",
+                      header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True))
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# run.json
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunState:
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunState:
+        p = run_dir / "run.json"
+        data: dict[str, Any] = {}
+        if p.is_file():
+            try:
+                data = read_json(p)
+            except ValueError:
+                log.warning("run: %s is not valid JSON; starting a new one", p)
+        data.setdefault("version", RUN_VERSION)
+        data.setdefault("stages", {})
+        return cls(p, data)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(name, {})
+
+    def save(self) -> None:
+        self.data["stages"] = {s: self.data["stages"][s] for s in STAGES if s in self.data["stages"]}
+        atomic_write_json(self.path, self.data)
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class Ctx:
+    recipe: Recipe
+    run_dir: Path
+    progress: StageProgress | None
+    force: bool = False
+    upstream_key: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """One pipeline stage: its key, its completion marker and the call that does the work."""
+
+    name: str
+    key: Callable[[Ctx], str]
+    done: Callable[[Ctx], bool]
+    execute: Callable[[Ctx], dict[str, Any]]
+    available: Callable[[], str | None] = lambda: None  # reason it cannot run, or None
+    configured: Callable[[Recipe], str | None] = lambda r: None  # reason it is not configured
+
+
+def _module_missing(name: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"{name} is not part of this build"
+
+
+def _shards(ctx: Ctx) -> dict[str, list[Path]]:
+    from smelt.data.curate import clean_shard_files
+
+    inputs = ctx.recipe.tokenizer.inputs if ctx.recipe.tokenizer is not None else None
+    if not inputs:
+        try:
+            return clean_shard_files(ctx.run_dir / "data")
+        except FileNotFoundError as e:
+            raise RecipeError(str(e)) from None
+    out: dict[str, list[Path]] = {}
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            raise RecipeError(f"tokenizer.inputs: {p} does not exist")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            out.setdefault(f.parent.name, []).append(f)
+    return out
+
+
+def _marker(ctx: Ctx, rel: str, key: str = "complete") -> bool:
+    p = ctx.run_dir / rel
+    if not p.is_file():
+        return False
+    if not key:
+        return True
+    try:
+        return bool(read_json(p).get(key))
+    except ValueError:
+        return False
+
+
+# data ------------------------------------------------------------------------------------------
+
+def _data_key(ctx: Ctx) -> str:
+    from smelt.data.curate import plan_tasks, stage_key
+
+    assert ctx.recipe.data is not None
+    return stage_key(ctx.recipe.data, plan_tasks(ctx.recipe.data))
+
+
+def _data_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.data.curate import Progress, run_data_stage
+    from smelt.data.io import DataInputError
+
+    assert ctx.recipe.data is not None
+    p = ctx.progress
+    prog = Progress(start=p.start, advance=p.advance) if p is not None else None
+    try:
+        stats = run_data_stage(ctx.recipe.data, ctx.run_dir, progress=prog, force=ctx.force)
+    except DataInputError as e:
+        raise RecipeError(str(e)) from None
+    return {"documents": stats["documents"], "bytes": stats["bytes"]}
+
+
+# tokenizer -------------------------------------------------------------------------------------
+
+def _tok_cfg(ctx: Ctx) -> Any:
+    from smelt.config import TokenizerConfig
+
+    return ctx.recipe.tokenizer or TokenizerConfig()
+
+
+def _tok_key(ctx: Ctx) -> str:
+    from smelt.tokenizer.train import fingerprint
+
+    return fingerprint(_tok_cfg(ctx), _shards(ctx), ctx.recipe.seed)[:16]
+
+
+def _tok_done(ctx: Ctx) -> bool:
+    from smelt.tokenizer.train import is_up_to_date
+
+    out = ctx.run_dir / "tokenizer"
+    return is_up_to_date(out, _tok_cfg(ctx), _shards(ctx), ctx.recipe.seed) and (out / "eval.json").is_file()
+
+
+def _tok_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.tokenizer.evaluate import evaluate_tokenizer
+    from smelt.tokenizer.train import is_up_to_date, train_tokenizer
+
+    cfg, shards, out = _tok_cfg(ctx), _shards(ctx), ctx.run_dir / "tokenizer"
+    if ctx.force or not is_up_to_date(out, cfg, shards, ctx.recipe.seed):
+        stats = train_tokenizer(cfg, shards, out, ctx.recipe.seed)
+    else:
+        stats = read_json(out / "stats.json")
+    # Compression per domain for the report (what `smelt tokenizer eval` writes).
+    result = evaluate_tokenizer(out / "tokenizer.json", shards, cfg.eval_docs_per_domain)
+    atomic_write_json(out / "eval.json", result)
+    return {"vocab_size": stats["vocab_size"], "train_chars": stats["train_chars"]}
+
+
+# pack ------------------------------------------------------------------------------------------
+
+def _pack_cfg(ctx: Ctx) -> Any:
+    from smelt.config import PackConfig
+
+    return ctx.recipe.pack or PackConfig()
+
+
+def _pack_key(ctx: Ctx) -> str:
+    from smelt.tokenizer.train import tokenizer_sha256
+    from smelt.tokens.pack import stage_key
+
+    tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
+    sha = tokenizer_sha256(tok) if tok.is_file() else "none"
+    return stage_key(_pack_cfg(ctx), sha, _shards(ctx), ctx.recipe.seed)[:16]
+
+
+def _pack_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.tokens.pack import pack_tokens
+
+    tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
+    if not tok.is_file():
+        raise RecipeError(f"{tok} not found (the tokenizer stage has not run)")
+    p = ctx.progress
+    m = pack_tokens(_pack_cfg(ctx), tok, _shards(ctx), ctx.run_dir / "tokens", ctx.recipe.seed,
+                    progress=p.update if p is not None else None, force=ctx.force)
+    return {"tokens": m["totals"]["tokens"], "docs": m["totals"]["docs"], "vocab_size": m["vocab_size"]}
+
+
+# train -----------------------------------------------------------------------------------------
+
+def _train_key(ctx: Ctx) -> str:
+    from smelt.train.trainer import resolve_model_config, run_config_hash
+
+    tm = ctx.run_dir / "tokens" / "manifest.json"
+    manifest = read_json(tm) if tm.is_file() else {}
+    return config_hash({"train": run_config_hash(ctx.recipe, resolve_model_config(ctx.recipe, manifest)),
+                        "tokens": manifest.get("key")})
+
+
+def _train_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.train.trainer import train
+
+    if not (ctx.run_dir / "tokens" / "manifest.json").is_file():
+        raise RecipeError(f"{ctx.run_dir / 'tokens'} has no manifest (the pack stage has not run)")
+    # Resume an interrupted run of the same configuration; start over when forced or when the
+    # key (configuration or tokens) differs from the one the existing training was started with.
+    resume: bool | None = None
+    if ctx.force or ctx.notes.get("train_key_changed"):
+        resume = False
+    summary = train(ctx.recipe, ctx.run_dir, resume=resume, progress=ctx.progress is not None)
+    if not summary.get("complete"):
+        raise StageFailed(f"training stopped before train.max_steps: {summary.get('stopped')}")
+    return {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "val_loss", "tokens_per_s", "mfu",
+                                         "checkpoint")}
+
+
+# eval / export / report ------------------------------------------------------------------------
+
+def _section_key(ctx: Ctx, section: str) -> str:
+    sec = getattr(ctx.recipe, section, None)
+    tm = ctx.run_dir / "train" / "manifest.json"
+    ckpt = read_json(tm).get("checkpoint") if tm.is_file() else None
+    return config_hash({section: recipe_to_dict(sec) if sec is not None else None, "checkpoint": ckpt})
+
+
+def _eval_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.eval.runner import run_eval  # type: ignore[import-not-found]
+
+    res = run_eval(ctx.recipe, ctx.run_dir)
+    ppl = res.get("perplexity") or {}
+    return {"checkpoint": res.get("checkpoint"),
+            "bits_per_byte": {d: v.get("bits_per_byte") for d, v in ppl.items() if isinstance(v, dict)},
+            "tasks": {t: v.get("acc") for t, v in (res.get("tasks") or {}).items() if isinstance(v, dict)}}
+
+
+def _export_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.interop.hf import export_run  # type: ignore[import-not-found]
+
+    out = export_run(ctx.recipe, ctx.run_dir, force=ctx.force)
+    return {"path": str(out)}
+
+
+def _report_key(ctx: Ctx) -> str:
+    return config_hash({"run": recipe_to_dict(ctx.recipe.run), "upstream": ctx.upstream_key})
+
+
+def _report_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.report import generate_samples, write_report
+
+    generate_samples(ctx.run_dir, ctx.recipe)
+    return {"path": str(write_report(ctx.run_dir))}
+
+
+def _no_section(section: str) -> Callable[[Recipe], str | None]:
+    return lambda r: None if getattr(r, section) is not None else f"the recipe has no `{section}:` section"
+
+
+PIPELINE: dict[str, Stage] = {s.name: s for s in [
+    Stage("data", _data_key, lambda c: _marker(c, "data/manifest.json"), _data_run, configured=_no_section("data")),
+    Stage("tokenizer", _tok_key, _tok_done, _tok_run),
+    Stage("pack", _pack_key, lambda c: _marker(c, "tokens/manifest.json"), _pack_run),
+    Stage("train", _train_key, lambda c: _marker(c, "train/manifest.json"), _train_run),
+    Stage("eval", lambda c: _section_key(c, "eval"), lambda c: _marker(c, "eval/results.json", ""), _eval_run,
+          available=lambda: _module_missing("smelt.eval.runner")),
+    Stage("export", lambda c: _section_key(c, "export"), lambda c: _marker(c, "export/config.json", ""), _export_run,
+          available=lambda: _module_missing("smelt.interop.hf")),
+    Stage("report", _report_key, lambda c: _marker(c, "report.html", ""), _report_run),
+]}
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def _check_stage(name: str | None, what: str) -> None:
+    if name is not None and name not in STAGES:
+        raise RecipeError(f"{what} {name!r}: expected one of {', '.join(STAGES)}")
+
+
+def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
+        progress: StageProgress | None = None, source: str | None = None) -> dict[str, Any]:
+    """Run the recipe's stages in order into ``recipe.run_dir``; returns run.json's content.
+
+    ``from_stage``: redo this stage and every later one. ``only``: redo just this stage.
+    ``progress``: a progress display (None: logging only). ``source``: the recipe's origin,
+    recorded in the resolved ``recipe.yaml``.
+    """
+    _check_stage(from_stage, "--from")
+    _check_stage(only, "--only")
+    if from_stage and only:
+        raise RecipeError("--from and --only exclude each other")
+    run_dir = write_resolved_recipe(recipe, source)
+    if recipe.run.demo != "off":
+        from smelt.demo.corpus import build_corpus
+
+        t0 = time.perf_counter()
+        build_corpus(run_dir / "corpus", recipe.run.demo, seed=recipe.seed)
+        log.info("run: demo corpus ready in %.1fs", time.perf_counter() - t0)
+    state = RunState.load(run_dir)
+    state.data["recipe_hash"] = config_hash(recipe)
+    state.data["last_invocation"] = {"started_at": _now(), "from": from_stage, "only": only}
+    selected = [s for s in STAGES if s in recipe.run.stages]
+    if only is not None:
+        selected = [only]
+    forced_from = STAGES.index(from_stage) if from_stage else len(STAGES)
+    upstream = ""
+    t_all = time.perf_counter()
+    for name in selected:
+        stage = PIPELINE[name]
+        rec = state.stage(name)
+        why_not = stage.configured(recipe) or stage.available()
+        if why_not:
+            log.warning("%s: skipped: %s (stage not run)", name, why_not)
+            rec.update(status="unavailable" if stage.available() else "not_configured", action="skipped",
+                       reason=why_not, key=None)
+            state.save()
+            continue
+        ctx = Ctx(recipe, run_dir, progress, upstream_key=upstream,
+                  force=(only == name) or STAGES.index(name) >= forced_from)
+        key = config_hash({"stage": stage.key(ctx), "upstream": upstream})
+        if name == "train":
+            ctx.notes["train_key_changed"] = rec.get("key") not in (None, key)
+        if not ctx.force and rec.get("status") == "complete" and rec.get("key") == key and stage.done(ctx):
+            log.info("%s: up to date, skipping", name)
+            rec["action"] = "up to date"
+            state.save()
+            upstream = key
+            continue
+        resumed = rec.get("status") in ("running", "failed") and rec.get("key") == key and not ctx.force
+        log.info("%s: %s", name, "resuming" if resumed else "running")
+        rec.update(status="running", key=key, started_at=_now(), ended_at=None, error=None,
+                   action="resumed" if resumed else "ran")
+        state.save()
+        t0 = time.perf_counter()
+        try:
+            summary = stage.execute(ctx)
+        except BaseException as e:
+            rec.update(status="failed", ended_at=_now(), duration_s=round(time.perf_counter() - t0, 3),
+                       error=f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted")
+            state.save()
+            if isinstance(e, (RecipeError, KeyboardInterrupt, StageFailed)):
+                raise
+            log.debug("%s", traceback.format_exc())
+            raise StageFailed(f"{name} failed: {type(e).__name__}: {e}") from e
+        rec.update(status="complete", ended_at=_now(), duration_s=round(time.perf_counter() - t0, 3),
+                   summary=summary)
+        if name != "report":
+            # the key of what the stage produced (recomputed: e.g. data's files now exist)
+            rec["key"] = key = config_hash({"stage": stage.key(ctx), "upstream": upstream})
+        state.save()
+        log.info("%s: done in %.1fs", name, rec["duration_s"])
+        upstream = key
+    state.data["last_invocation"]["ended_at"] = _now()
+    state.data["last_invocation"]["duration_s"] = round(time.perf_counter() - t_all, 3)
+    state.data["last_invocation"]["ran"] = [s for s in selected if state.stage(s).get("action") in ("ran", "resumed")]
+    state.save()
+    return state.data
