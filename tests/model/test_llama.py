@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from smelt.model.config import PRESETS, ModelConfig, preset
+from smelt.model import llama
 from smelt.model.llama import (
     KVCache,
     MoE,
     Transformer,
     apply_rope,
+    explicit_attention,
     from_hf_state_dict,
     hf_config,
     rope_cos_sin,
@@ -329,6 +331,90 @@ def test_kv_cache_left_padded_batch() -> None:
     torch.testing.assert_close(out[1, pad:], model(b[None])[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(step[1, 0], model(torch.cat([b, nxt[1]])[None])[0, -1], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(step[0, 0], model(torch.cat([a, nxt[0]])[None])[0, -1], atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention kernels: explicit (short spans on CPU) vs SDPA
+
+
+def _attention_case(case: str, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
+    g = torch.Generator().manual_seed(5)
+    B, H, T, S, hd = 2, 4, 6, 6, 8
+    kv_heads = 2 if case == "gqa" else H
+    if case == "decode":
+        T = 1
+    if case == "chunk-after-cache":
+        T = 3
+    q = torch.randn(B, H, T, hd, generator=g)
+    k, v = torch.randn(2, B, kv_heads, S, hd, generator=g)
+    mask: torch.Tensor | None = None
+    if case in ("bool", "chunk-after-cache"):
+        q_idx = torch.arange(S - T, S)
+        seg = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+        mask = (torch.arange(S)[None, :] <= q_idx[:, None])[None] & (seg[:, S - T:, None] == seg[:, None, :])
+        mask = mask[:, None]  # (B, 1, T, S)
+    if case == "float":
+        mask = torch.randn(B, H, T, S, generator=g).masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1),
+                                                                 float("-inf"))
+    is_causal = mask is None and T == S
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], mask, is_causal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["causal", "gqa", "decode", "bool", "chunk-after-cache", "float"])
+def test_explicit_attention_equals_sdpa(case: str, dtype: torch.dtype) -> None:
+    """Outputs and gradients of the explicit path equal SDPA's for every mask kind the model uses."""
+    (q, k, v), mask, is_causal = _attention_case(case, dtype)
+    ours = explicit_attention(q, k, v, mask, is_causal)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(dtype) if mask is not None and
+                                         mask.is_floating_point() else mask,
+                                         is_causal=is_causal, enable_gqa=q.size(1) != k.size(1))
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, ref, **tol)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grads = torch.autograd.grad(ours, (q, k, v), dy)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("variant", ["rope", "alibi", "mqa-postnorm-layernorm-gelu-bias"])
+def test_model_attention_paths_agree(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits and gradients are the same whether attention takes the explicit path or SDPA,
+    with the causal fast path and with document masking."""
+    cfg = tiny(**VARIANTS[variant])
+    x = tokens(2, 12)
+    seg = (torch.arange(12) >= 5).long()[None].expand(2, 12)
+    for kwargs in ({}, {"segment_ids": seg}):
+        results = []
+        for max_keys in (llama.EXPLICIT_ATTENTION_MAX_KEYS, 0):
+            monkeypatch.setattr(llama, "EXPLICIT_ATTENTION_MAX_KEYS", max_keys)
+            model = build(cfg)
+            logits = model(x, **kwargs)
+            logits.square().mean().backward()
+            results.append((logits, [p.grad for p in model.parameters()]))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        for p, q in zip(ga, gb):
+            torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-4)
+
+
+def test_attention_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short spans on CPU take the explicit path; longer ones SDPA (its CPU flash kernel wins there)."""
+    calls: list[int] = []
+
+    def spy(q: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(q.size(2))
+        return explicit_attention(q, *args)
+
+    monkeypatch.setattr(llama, "explicit_attention", spy)
+    n = llama.EXPLICIT_ATTENTION_MAX_KEYS
+    model = build(tiny(n_layers=1, max_seq_len=n + 8))
+    model(tokens(1, n))
+    assert calls == [n]
+    model(tokens(1, n + 1))
+    assert calls == [n]
 
 
 def test_kv_cache_overflow_is_an_error() -> None:
