@@ -70,6 +70,94 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from scratch even if checkpoints exist")
     _common(tr)
     tr.set_defaults(func=cmd_train)
+
+    # ---- smelt eval (issue 5, evaluation) ----
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, probes, multiple choice",
+                        description="Evaluate the newest complete checkpoint of RECIPE's run (or --checkpoint) with "
+                                    "the recipe's `eval:` section: perplexity / bits per byte / word perplexity per "
+                                    "domain on the held-out split, probability probes, multiple-choice benchmarks. "
+                                    "Writes <run>/eval/results.json, results.md and TensorBoard scalars in eval/tb. "
+                                    "--all-checkpoints also tracks the probes over every checkpoint "
+                                    "(eval/probes.csv, eval/probes.png).")
+    ev.add_argument("recipe", help="YAML recipe of a trained run")
+    evg = ev.add_mutually_exclusive_group()
+    evg.add_argument("--checkpoint", default=None, metavar="PATH",
+                     help="a checkpoint directory (train/checkpoints/step-NNNNNNN) or a Hugging Face export")
+    evg.add_argument("--all-checkpoints", action="store_true",
+                     help="probes of every checkpoint in train/checkpoints, then the full evaluation of the newest")
+    _common(ev)
+    ev.set_defaults(func=cmd_eval)
+    # ---- end smelt eval ----
+
+    # ---- smelt export / import / generate (issue 5, interop) ----
+    ex = sub.add_parser("export", help="export a checkpoint to a Hugging Face Llama directory",
+                        description="Write <run>/export (or --out): config.json, model.safetensors (sharded above "
+                                    "export.max_shard_size), tokenizer files and generation_config.json, loadable by "
+                                    "transformers.LlamaForCausalLM / PreTrainedTokenizerFast. Every export is "
+                                    "checked: transformers' logits must match smelt's (fp32, export.parity_atol).")
+    ex.add_argument("recipe", metavar="RECIPE_OR_RUN_DIR", help="YAML recipe, or a run directory")
+    ex.add_argument("--checkpoint", default=None, metavar="PATH",
+                    help="checkpoint directory (default: export.checkpoint, else the newest complete one)")
+    ex.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <run>/export)")
+    ex.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights dtype (default: export.dtype)")
+    ex.add_argument("--force", action="store_true", help="export even if the export is up to date")
+    _common(ex)
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="import a Hugging Face Llama directory as a smelt run",
+                        description="Read HF_DIR (config.json + safetensors, sharded or not; tokenizer.json) and "
+                                    "write OUT_DIR as a run directory: recipe.yaml with the model section, "
+                                    "tokenizer/, train/checkpoints/step-0000000 (DCP). Checked against transformers' "
+                                    "logits before it is committed. Continue training with train.init_from.")
+    im.add_argument("hf_dir", help="Hugging Face model directory (Llama architecture)")
+    im.add_argument("out_dir", help="run directory to create (replaced if it exists)")
+    _common(im)
+    im.set_defaults(func=cmd_import)
+
+    ge = sub.add_parser("generate", help="generate text from a trained model",
+                        description="Complete each --prompt with the model of a run (newest complete checkpoint), a "
+                                    "checkpoint directory or a Hugging Face directory; KV-cached decoding.")
+    ge.add_argument("recipe", metavar="RECIPE_OR_RUN_DIR", help="YAML recipe, run directory, checkpoint or HF dir")
+    ge.add_argument("--prompt", "-p", action="append", default=[], help="prompt (repeatable; default: empty)")
+    ge.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint directory to use")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    ge.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    ge.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    ge.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off; default 0.95)")
+    ge.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1: off)")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ge.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ge.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    _common(ge)
+    ge.set_defaults(func=cmd_generate)
+    # ---- end smelt export / import / generate ----
+
+    # ---- smelt run / smelt report (issue 7) ----
+    rn = sub.add_parser("run", help="run every stage: data, tokenizer, pack, train, eval, export, report",
+                        description="Run RECIPE's stages in order into <runs_dir>/<name>, skipping each stage that "
+                                    "is complete for the same inputs and config and resuming one that was "
+                                    "interrupted; writes run.json and report.html. Without RECIPE: the built-in "
+                                    "demo (a corpus assembled from the Python installation; SMELT_DEMO=tiny or "
+                                    "--set run.demo=tiny for the small test size).")
+    rn.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the built-in demo)")
+    grp = rn.add_mutually_exclusive_group()
+    grp.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                     help="redo STAGE and every stage after it (data, tokenizer, pack, train, eval, export, report)")
+    grp.add_argument("--only", default=None, metavar="STAGE", help="redo just STAGE")
+    _common(rn)
+    rn.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="write the HTML report of a run directory",
+                        description="Write RUN_DIR/report.html: one self-contained page with the data funnel, "
+                                    "tokenizer, mixture, training curves, evaluation, samples and timings.")
+    rp.add_argument("run_dir", help="a run directory (runs/<name>)")
+    rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
+    rp.add_argument("--no-samples", action="store_true", help="do not generate text samples")
+    _common(rp)
+    rp.set_defaults(func=cmd_report)
+    # ---- end smelt run / smelt report ----
     return ap
 
 
@@ -247,6 +335,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from smelt.eval.probes import ProbeFormatError
+    from smelt.eval.runner import run_eval
+    from smelt.eval.tasks import BenchmarkFormatError
+    from smelt.model.load import LoadError
+    from smelt.train.checkpoint import CheckpointError
+
+    # The run's recipe.yaml is not rewritten: it is what the checkpoints' model is rebuilt from.
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = recipe.run_dir
+    if not run_dir.is_dir():
+        raise RecipeError(f"run directory {run_dir} not found (train it first: `smelt train {args.recipe}`)")
+    try:
+        with RichProgress(not args.quiet) as rp:
+            results = run_eval(recipe, run_dir, args.checkpoint, all_checkpoints=args.all_checkpoints,
+                               progress=rp.update if not args.quiet else None)
+    except (ProbeFormatError, BenchmarkFormatError, LoadError, CheckpointError) as e:
+        raise RecipeError(str(e)) from None
+    if not args.quiet:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        from smelt.eval.runner import format_markdown
+
+        Console().print(Markdown(format_markdown(results)))
+        log.info("eval: %s", run_dir / "eval" / "results.json")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from smelt.run import StageFailed, load_run_recipe, run
+
+    recipe = load_run_recipe(args.recipe, args.overrides)
+    try:
+        with RichProgress(not args.quiet) as rp:
+            state = run(recipe, from_stage=args.from_stage, only=args.only,
+                        progress=rp if not args.quiet else None, source=args.recipe)
+    except StageFailed as e:
+        print(f"smelt: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        for name, rec in state["stages"].items():
+            log.info("%-9s %-14s %-10s %s", name, rec.get("status", ""), rec.get("action", ""),
+                     f"{rec['duration_s']:.1f}s" if rec.get("duration_s") is not None else rec.get("reason", ""))
+        report = recipe.run_dir / "report.html"
+        if report.is_file():
+            log.info("report: %s", report)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from smelt.report import generate_samples, write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(f"run directory not found: {run_dir}")
+    if not args.no_samples:
+        generate_samples(run_dir)
+    out = write_report(run_dir, Path(args.out) if args.out else None)
+    if not args.quiet:
+        log.info("report: %s", out)
+    return 0
+
+
 def print_funnel(stats: dict[str, Any], data_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -274,6 +426,92 @@ def print_funnel(stats: dict[str, Any], data_dir: Path) -> None:
             if st["name"] in ("exact_dedup", "minhash_dedup"):
                 reasons.add_row(f"{st['name']}/{reason}", str(n))
     c.print(reasons)
+
+
+# ---- smelt export / import / generate (issue 5, interop) ----
+
+
+def _recipe_or_run(arg: str, overrides: list[str]) -> tuple[Recipe | None, Path]:
+    """(recipe, run dir) from a recipe file or a directory (a run's resolved recipe.yaml is read)."""
+    p = Path(arg)
+    if p.is_file():
+        recipe = load_recipe(p, overrides)
+        return recipe, recipe.run_dir
+    if not p.is_dir():
+        raise RecipeError(f"{p}: no such recipe file or directory")
+    recipe = load_recipe(p / "recipe.yaml", overrides) if (p / "recipe.yaml").is_file() else None
+    return recipe, p
+
+
+def _interop_errors() -> tuple[type[Exception], ...]:
+    from smelt.interop.hf import InteropError
+    from smelt.model.load import LoadError
+    from smelt.train.checkpoint import CheckpointError
+
+    return InteropError, LoadError, CheckpointError
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from smelt.interop.hf import export_run
+
+    recipe, run_dir = _recipe_or_run(args.recipe, args.overrides)
+    if recipe is None:
+        raise RecipeError(f"{run_dir}: no recipe.yaml (not a run directory)")
+    if args.dtype is not None:
+        from smelt.config import ExportConfig
+
+        recipe = recipe.model_copy(update={"export": (recipe.export or ExportConfig()).model_copy(
+            update={"dtype": args.dtype})})
+    try:
+        out = export_run(recipe, run_dir, checkpoint=args.checkpoint, out_dir=args.out, force=args.force)
+    except _interop_errors() as e:
+        raise RecipeError(str(e)) from None
+    log.info("export: %s", out)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from smelt.interop.hf import import_hf
+
+    try:
+        out = import_hf(Path(args.hf_dir), Path(args.out_dir))
+    except _interop_errors() as e:
+        raise RecipeError(str(e)) from None
+    log.info("import: %s (continue training with train.init_from: %s)", out,
+             out / "train" / "checkpoints" / "step-0000000")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from smelt.eval.generate import generate_text
+    from smelt.model.load import load_model
+
+    source: Path
+    if args.checkpoint is not None:
+        source = Path(args.checkpoint)
+    else:
+        p = Path(args.recipe)
+        source = _recipe_or_run(args.recipe, args.overrides)[1] if p.is_file() else p
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        loaded = load_model(source, dtype=dtype, device=device)
+        prompts = args.prompt or [""]
+        texts = generate_text(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed, use_cache=not args.no_cache)
+    except (*_interop_errors(), ValueError) as e:
+        raise RecipeError(str(e)) from None
+    for prompt, text in zip(prompts, texts):
+        print(f"{prompt}{text}")
+        if len(prompts) > 1:
+            print("-" * 40)
+    return 0
+
+
+# ---- end smelt export / import / generate ----
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,8 +279,17 @@ class PackConfig(Strict):
     shard_tokens: int = Field(50_000_000, ge=1000, description="Target tokens per .bin shard.")
     engine: Literal["auto", "hf", "tiktoken"] = Field(
         "auto", description="Encoder: auto uses tiktoken for byte-level BPE when it reproduces HF ids exactly, else HF.")
-    workers: int = Field(0, ge=0, description="Worker processes; 0 = number of CPU cores.")
+    workers: int = Field(0, ge=0, description="Parallel tasks (threads or processes); 0 = number of CPU cores.")
     add_bos: bool = Field(False, description="Prepend BOS to every document (EOS always ends one).")
+    slice_mb: float | None = Field(
+        None, gt=0, description="Input files larger than this (MB on disk) are cut into several tasks; "
+                                "unset: 1/64 of the input, between 1 and 32 MB.")
+    parallelism: Literal["auto", "threads", "processes"] = Field(
+        "auto", description="How workers run: threads in this process (no start-up cost; tiktoken and HF release "
+                            "the GIL while encoding) or spawned processes (no GIL). auto: threads below "
+                            "threads_below_mb of input.")
+    threads_below_mb: float = Field(
+        16.0, ge=0, description="parallelism=auto: inputs smaller than this (MB on disk, all files) use threads.")
 
 
 class CurriculumStage(Strict):
@@ -381,9 +390,24 @@ class CheckpointConfig(Strict):
 
 
 class ParallelConfig(Strict):
-    """`train.parallel:` how the model and data are split over processes (issue 6: owner of this block)."""
+    """`train.parallel:` how the model and data are split over processes (smelt.train.parallel).
 
-    # -- fields are filled in by the distributed-training work --
+    The world (torchrun's WORLD_SIZE) is a DeviceMesh ``pp x dp_replicate x dp_shard x tp``. Data
+    parallel ranks (dp_replicate * dp_shard) each get their slice of the global batch; tp and pp
+    ranks of one data-parallel rank see the same rows. Checked against the world size (and the
+    model) before any work by `smelt.train.parallel.ParallelDims.build`.
+    """
+
+    dp_replicate: int = Field(1, ge=1, description="Data-parallel replicas (DDP, or the replicate dim of HSDP with zero 2/3).")
+    dp_shard: int = Field(-1, ge=-1, description="Data-parallel shards (FSDP dim with zero 2/3, more DDP ranks with zero 0/1); -1: the rest of the world.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (Megatron column/row sharding of attention and MLP).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel stages over ranks (layers split evenly).")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule (torch.distributed.pipelining).")
+    pp_microbatches: int | None = Field(None, ge=1, description="Pipeline micro-batches per gradient-accumulation step; None: the number of stages.")
+    pp_stages_per_rank: int = Field(2, ge=1, description="interleaved_1f1b: virtual stages per rank (ignored by the single-stage schedules).")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="0: DDP; 1: DDP + ZeroRedundancyOptimizer; 2: FSDP2 without resharding after forward; 3: FSDP2 full sharding.")
+    cpu_offload: bool = Field(False, description="zero 3: keep sharded parameters, gradients and optimizer state on CPU (FSDP2 CPUOffloadPolicy).")
+    sequence_parallel: bool = Field(True, description="tp > 1: also shard norms and residual activations over the sequence (Korthikanti et al. 2022).")
 
 
 class TrainConfig(Strict):
@@ -414,13 +438,71 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     """`eval:` evaluation of checkpoints (`smelt eval`; issue 5: owner of this block)."""
 
-    # -- fields are filled in by the evaluation work --
+    class Task(Strict):
+        """One multiple-choice benchmark scored by log-likelihood (`smelt.eval.tasks`)."""
+
+        name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Name in results.json and TensorBoard.")
+        path: str = Field(description="Benchmark file or directory (C-Eval: a subject CSV or the val/ directory).")
+        format: Literal["hellaswag", "piqa", "arc", "ceval", "jsonl"] = Field(
+            description="hellaswag: 6-line text items; piqa: X.jsonl + X-labels.lst; arc: official ARC jsonl; "
+            "ceval: C-Eval CSV; jsonl: {\"context\", \"choices\", \"gold\"} per line.")
+        shots: int = Field(0, ge=0, description="Few-shot examples before each item (drawn with eval.seed).")
+        limit: int | None = Field(None, ge=1, description="Score only the first this many items; None: all.")
+        fewshot_path: str | None = Field(
+            None, description="File to draw few-shot examples from; None: the format's train/dev split when found "
+            "beside `path`, else the same file without the current item.")
+        delimiter: str = Field(" ", description="Between context and answer (lm-eval's target_delimiter).")
+
+    run: list[Literal["perplexity", "probes", "tasks"]] = Field(
+        default_factory=lambda: ["perplexity", "probes", "tasks"], description="Parts of `smelt eval` to run.")
+    max_docs: int | None = Field(200, ge=1, description="Perplexity: held-out documents per domain, at most (None: all).")
+    max_tokens: int | None = Field(
+        200_000, ge=1, description="Perplexity: held-out tokens per domain, at most (whole documents; None: no cap).")
+    max_len: int | None = Field(
+        None, ge=2, description="Tokens per forward window; None: loader.seq_len, else the model's max_seq_len.")
+    stride: int | None = Field(
+        None, ge=1, description="Rolling window: new tokens scored per window after the first, each with up to "
+        "max_len tokens of context; None: max_len (disjoint windows, lm-eval's loglikelihood_rolling).")
+    word_ppl_max_cjk: float = Field(
+        0.1, ge=0.0, le=1.0, description="Word perplexity only for domains whose share of CJK characters (of "
+        "non-space characters) is at most this: words are whitespace-delimited, as in lm-eval.")
+    probes: list[str] = Field(
+        default_factory=lambda: ["default"], description="Probe files (YAML/JSONL); `default`: the packaged zh+en set.")
+    tasks: list[Task] = Field(default_factory=list, description="Multiple-choice benchmarks.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Weights and activations during evaluation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    every_steps: int = Field(0, ge=0, description="In-training evaluation every this many optimizer steps (0: off).")
+    in_training_docs: int = Field(
+        16, ge=1, description="In-training evaluation: held-out documents per domain (small budget).")
+    seed: int | None = Field(None, description="Few-shot sampling seed; None: the recipe seed.")
+    tensorboard: bool = Field(True, description="Write scalars to eval/tb.")
 
 
 class ExportConfig(Strict):
     """`export:` Hugging Face export (`smelt export`; issue 5: owner of this block)."""
 
-    # -- fields are filled in by the interop work --
+    checkpoint: str | None = Field(None, description="Checkpoint directory to export; None: the run's newest complete one.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the exported weights.")
+    max_shard_size: int | str = Field("5GB", description="Split model.safetensors above this size (bytes, or e.g. 500MB, 5GB; transformers' default 5GB).")
+    parity_atol: float = Field(1e-4, gt=0.0, description="Max |Δ| of fp32 logits between smelt and transformers on the export (else an error).")
+
+
+class RunConfig(Strict):
+    """`run:` the whole pipeline (`smelt run`): which stages, the built-in demo corpus, the report."""
+
+    stages: list[Literal["data", "tokenizer", "pack", "train", "eval", "export", "report"]] = Field(
+        default_factory=lambda: ["data", "tokenizer", "pack", "train", "eval", "export", "report"],
+        description="Stages `smelt run` runs, always in pipeline order.")
+    demo: Literal["off", "full", "tiny"] = Field(
+        "off", description="Assemble the built-in demo corpus into <run>/corpus before curation (full: ~3.5 MB; "
+        "tiny: the tests' size, and the demo recipe's tiny overlay applies).")
+    samples: int = Field(4, ge=0, description="Generated samples shown in the report (0: none).")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["The city council", "def read_config(path):", "市政府", "In Python, a list"],
+        description="Prompts of the report's samples (cycled when `samples` is larger).")
+    sample_tokens: int = Field(48, ge=1, description="New tokens per generated sample.")
+    sample_temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of the samples (0: greedy).")
 
 
 class Recipe(Strict):
@@ -438,6 +520,7 @@ class Recipe(Strict):
     train: TrainConfig | None = Field(None, description="Training stage.")
     eval: EvalConfig | None = Field(None, description="Evaluation stage.")
     export: ExportConfig | None = Field(None, description="Hugging Face export stage.")
+    run: RunConfig = Field(default_factory=RunConfig, description="`smelt run`: stages, built-in demo, report.")
 
     @model_validator(mode="after")
     def _has_stage(self) -> Recipe:
