@@ -24,7 +24,18 @@ beyond the newest ``keep`` are deleted. `find_latest` never trusts a name alone:
 newest checkpoint (state JSON parses, every recorded file has its recorded size, every byte
 range in the DCP metadata lies inside its file) and falls back to older ones, logging why.
 
-RNG states (torch CPU and CUDA, numpy, Python) are stored as base64 / integer lists in JSON.
+RNG states (torch CPU and CUDA, numpy, Python) are stored as base64 / integer lists in JSON:
+``rng`` is rank 0's, ``rng_ranks`` every rank's when the process group has several ranks. A
+checkpoint loaded with the world size it was saved with restores each rank's own stream;
+with another world size every rank takes rank 0's (per-rank streams cannot be resharded).
+
+Parallel layouts (issue 6): DDP-wrapped, FSDP2-sharded and tensor-parallel (DTensor) models and
+their optimizers go through `get_state_dict`/`set_state_dict`, which name every tensor by its
+fully qualified parameter name and hand DCP the local shards; pipeline stages hold disjoint
+parameters under the whole model's names, so each rank saves and loads its own keys. A
+`ZeroRedundancyOptimizer` (ZeRO-1) has no DCP support: each rank contributes the Adam state of
+the parameters it owns under the same FQN keys a plain AdamW would use, so ZeRO-1 checkpoints
+load into any other layout and back.
 """
 
 from __future__ import annotations
@@ -274,6 +285,71 @@ def _jsonable_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _is_zero1(optimizer: Any) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def _optim_class(optimizer: Any) -> str:
+    """The update rule's class: ZeRO-1 wraps AdamW and stores the same state, so it is AdamW."""
+    return type(optimizer.optim if _is_zero1(optimizer) else optimizer).__name__
+
+
+def _param_fqns(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> name in the unwrapped model (DDP's ``module.`` and checkpoint wrappers'
+    prefixes removed, as `get_state_dict` names them)."""
+    inner = getattr(model, "module", model)
+    out = {}
+    for name, p in inner.named_parameters():
+        out[id(p)] = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return out
+
+
+def _zero1_state(model: nn.Module, optimizer: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's shard of a ZeroRedundancyOptimizer's state, keyed like `get_state_dict`."""
+    names = _param_fqns(model)
+    local = optimizer.optim
+    return {names[id(p)]: dict(st) for p, st in local.state.items()}
+
+
+def _materialize_zero1(optimizer: Any) -> None:
+    """Create the local optimizer's state tensors (to load into) with one zero-lr, zero-grad
+    step, as `get_state_dict` does for plain optimizers; values are overwritten by the load."""
+    local = optimizer.optim
+    lrs = [g["lr"] for g in local.param_groups]
+    made = []
+    for g in local.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+                made.append(p)
+    local.step()
+    for g, lr in zip(local.param_groups, lrs):
+        g["lr"] = lr
+    for p in made:
+        p.grad = None
+
+
+def _optim_initialized(optimizer: Any) -> bool:
+    """Whether any update has been applied, agreed by all ranks (a ZeRO-1 or pipeline rank may
+    own no parameter with state)."""
+    local = optimizer.optim if _is_zero1(optimizer) else optimizer
+    flag = torch.tensor([1 if local.state else 0], dtype=torch.int64)
+    if _is_dist() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _gather_rng() -> list[dict[str, Any]] | None:
+    if not _is_dist() or dist.get_world_size() == 1:
+        return None
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, capture_rng_state())
+    return states
+
+
 def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], *, keep: int | None = None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep``.
@@ -293,8 +369,11 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
         tmp.mkdir()
     _barrier()
 
-    optim_ready = bool(optimizer.state)
-    if optim_ready:
+    optim_ready = _optim_initialized(optimizer)
+    if optim_ready and _is_zero1(optimizer):
+        tensors = {"model": get_model_state_dict(model), "optim": {"state": _zero1_state(model, optimizer)}}
+        groups = _jsonable_groups(optimizer.param_groups)
+    elif optim_ready:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
         groups = _jsonable_groups(optim_sd["param_groups"])
@@ -303,8 +382,10 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
         # the optimizer state as a side effect (a zero-lr step that sets Adam's step to 1) and so
         # change the run; save the model alone.
         tensors = {"model": get_model_state_dict(model)}
-        groups = _jsonable_groups(optimizer.state_dict()["param_groups"])
+        groups = _jsonable_groups(optimizer.param_groups if _is_zero1(optimizer)
+                                  else optimizer.state_dict()["param_groups"])
     _only_tensors(tensors, "state")
+    rng_ranks = _gather_rng()
     with _quiet_single_process():
         dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
     _barrier()
@@ -315,7 +396,8 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
             **trainer_state,
             "step": step,
             "rng": capture_rng_state(),
-            "optimizer": {"class": type(optimizer).__name__, "initialized": optim_ready, "param_groups": groups},
+            "rng_ranks": rng_ranks,
+            "optimizer": {"class": _optim_class(optimizer), "initialized": optim_ready, "param_groups": groups},
             "saved_at": time.time(),
         }
         # Sizes of DCP's files, recorded after they are complete; the JSON itself is not listed.
@@ -363,6 +445,17 @@ def _prune(directory: Path, newest: int, keep: int | None) -> None:
 # load
 
 
+def _apply_saved_groups(groups: list[dict[str, Any]], saved_opt: dict[str, Any], path: Path) -> None:
+    """Saved hyperparameters (betas, eps, weight decay, ...) into ``groups``; ``lr`` is scheduled."""
+    saved_groups = saved_opt.get("param_groups", [])
+    if len(saved_groups) != len(groups):
+        raise CheckpointError(f"{path}: {len(saved_groups)} optimizer param groups saved, model has {len(groups)}")
+    for g, sg in zip(groups, saved_groups):
+        for k, v in sg.items():
+            if k in g and k != "lr":
+                g[k] = tuple(v) if isinstance(g[k], tuple) else v
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     *, restore_rng: bool = True) -> dict[str, Any]:
     """Load model (and optimizer) tensors from ``path`` in place; return its trainer state.
@@ -377,32 +470,41 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     state = read_trainer_state(path)
     no_dist = not _is_dist()
     saved_opt = state.get("optimizer", {})
-    if optimizer is not None and saved_opt.get("class") not in (None, type(optimizer).__name__):
+    if optimizer is not None and saved_opt.get("class") not in (None, _optim_class(optimizer)):
         raise CheckpointError(f"{path}: saved with {saved_opt.get('class')}, cannot load into "
-                              f"{type(optimizer).__name__} (train.optim.name changed?)")
-    if optimizer is None or not saved_opt.get("initialized", False):
+                              f"{_optim_class(optimizer)} (train.optim.name changed?)")
+    if optimizer is not None and _is_zero1(optimizer) and saved_opt.get("initialized", False):
+        _materialize_zero1(optimizer)
+        tensors = {"model": get_model_state_dict(model), "optim": {"state": _zero1_state(model, optimizer)}}
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)  # in place, this rank's keys
+        set_model_state_dict(model, tensors["model"])
+        _apply_saved_groups(optimizer.param_groups, saved_opt, path)
+    elif optimizer is None or not saved_opt.get("initialized", False):
         tensors = {"model": get_model_state_dict(model)}
         with _quiet_single_process():
             dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
         set_model_state_dict(model, tensors["model"])
         if optimizer is not None:
-            optimizer.state.clear()
+            (optimizer.optim if _is_zero1(optimizer) else optimizer).state.clear()
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
         with _quiet_single_process():
             dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
         groups = optim_sd["param_groups"]
-        saved_groups = saved_opt.get("param_groups", [])
-        if len(saved_groups) != len(groups):
-            raise CheckpointError(f"{path}: {len(saved_groups)} optimizer param groups saved, model has {len(groups)}")
-        for g, sg in zip(groups, saved_groups):
-            for k, v in sg.items():
-                if k in g and k != "lr":
-                    g[k] = tuple(v) if isinstance(g[k], tuple) else v
+        _apply_saved_groups(groups, saved_opt, path)
         set_state_dict(model, optimizer, model_state_dict=tensors["model"],
                        optim_state_dict={"state": tensors["optim"]["state"], "param_groups": groups})
     if restore_rng and "rng" in state:
-        restore_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        world = dist.get_world_size() if _is_dist() else 1
+        if ranks and len(ranks) == world:
+            restore_rng_state(ranks[_rank()])
+        else:
+            if world > 1 or ranks:
+                log.info("checkpoint: saved with %d rank(s), loading with %d: every rank takes rank 0's RNG state",
+                         len(ranks) if ranks else 1, world)
+            restore_rng_state(state["rng"])
     log.info("checkpoint: loaded %s (step %d)", path, state["step"])
     return state

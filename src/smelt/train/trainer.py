@@ -34,8 +34,13 @@ first Ctrl-C finishes the current step, saves and returns (manifest ``complete: 
 ``stopped: "interrupted"``); a second one aborts. Running out of data (`DataExhausted`) saves,
 writes the manifest with the reason and re-raises. A crash leaves the last periodic checkpoint.
 
-`apply_activation_checkpointing` and `apply_compile` are the two model transforms of a single
-process; issue 6's `parallel.py` applies them between tensor parallel and FSDP (STYLE.md 2).
+Several processes (``torchrun --nproc_per_node=N -m smelt train RECIPE``): `train` initializes the
+process group (smelt.train.parallel.distributed), `ParallelDims.build` validates
+``train.parallel`` against the world size before any work, and `parallel.parallelize` applies
+pipeline split, tensor parallel, `apply_activation_checkpointing`, `apply_compile` and FSDP/DDP
+in that order (STYLE.md 2). Each data-parallel rank reads its slice of every global batch; the
+loss is reduced as described in `Trainer.train_step`; only rank 0 writes logs, metrics and
+manifests, and every rank takes part in checkpoint saves (DCP writes one file per rank).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from smelt.fsutil import atomic_write_json, read_json
 from smelt.model.flops import flops_per_token
 from smelt.tokens.loader import DataExhausted
 from smelt.train import checkpoint as ckpt
+from smelt.train import parallel as par
 from smelt.train.metrics import MetricsWriter, Throughput, memory_gb, peak_flops
 from smelt.train.optim import batch_size_at, build_optimizer, grad_accum_steps, lr_at, set_lr
 from smelt.train.stability import StabilityGuard
@@ -96,7 +102,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
     k = 1 if mode == "full" else max(1, every)
     wrapped = 0
     for i, block in enumerate(model.layers):
-        if (i + 1) % k == 0:
+        layer_id = getattr(block, "layer_id", i)  # global index: a pipeline stage holds a subset
+        if (layer_id + 1) % k == 0:
             # preserve_rng_state: recomputation sees the same random numbers (dropout, router noise).
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
             wrapped += 1
@@ -214,9 +221,11 @@ class Trainer:
         self.ckpt_dir = self.train_dir / "checkpoints"
         self.progress = progress
         self.on_step = on_step
-        self.rank, self.world = 0, 1  # issue 6 sets these from the process group
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        # Global rank/world from the process group (1 process when none); the device is
+        # cuda:LOCAL_RANK under torchrun on GPUs.
+        self.env = par.dist_env(device)
+        self.rank, self.world = self.env.rank, self.env.world
+        self.device = self.env.device
         cfg = self.cfg
 
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -225,25 +234,62 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.seq_len = self.loader_cfg.seq_len
-        self.micro_batch = min(cfg.batch.micro_batch, max(1, cfg.batch.global_batch // self.world))
-        if self.micro_batch != cfg.batch.micro_batch:
-            log.info("train.batch.micro_batch %d > global_batch / world: using %d", cfg.batch.micro_batch,
-                     self.micro_batch)
-        batch_size_at(0, cfg.batch, self.micro_batch, self.world)  # validates global vs micro batch now
         self.tokens_manifest = self._read_tokens_manifest()
         self.model_cfg = resolve_model_config(recipe, self.tokens_manifest)  # recipe errors before any work
+        # Parallel layout, validated against the world size and the model before any work.
+        uses_masks = self.loader_cfg.document_mask or self.loader_cfg.objective.kind in ("prefix_lm", "ul2")
+        dims_args = dict(model_cfg=self.model_cfg, seq_len=self.seq_len, precision=cfg.precision,
+                         uses_masks=uses_masks)
+        dims = par.ParallelDims.build(cfg.parallel, self.world, **dims_args)
+        # Data-parallel coordinates: the loader slices global batches by these (tp/pp peers of one
+        # dp rank read the same rows).
+        coords = dims.coords(self.rank)
+        self.dp_rank, self.dp_world, self.pp_rank = coords["dp"], dims.dp, coords["pp"]
+        self.micro_batch = min(cfg.batch.micro_batch, max(1, cfg.batch.global_batch // self.dp_world))
+        if self.micro_batch != cfg.batch.micro_batch:
+            log.info("train.batch.micro_batch %d > global_batch / dp: using %d", cfg.batch.micro_batch,
+                     self.micro_batch)
+        batch_size_at(0, cfg.batch, self.micro_batch, self.dp_world)  # validates global vs micro batch now
+        self.dims = par.ParallelDims.build(cfg.parallel, self.world, micro_batch=self.micro_batch, **dims_args)
+        if self.world > 1:
+            log.info("parallel: %s", self.dims.describe())
 
         seed_everything(recipe.seed)
         self.loader = loader if loader is not None else self._build_loader()
         self.domains: list[str] = list(getattr(self.loader, "domains", []))
-        self.model = model if model is not None else self._build_model()
-        self.model.to(self.device)
-        self.model.train()
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.ac_blocks = apply_activation_checkpointing(self.model, cfg.activation_checkpointing, cfg.ac_every)
-        if cfg.compile:
-            apply_compile(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        model = model if model is not None else self._build_model()  # identical on every rank (same seed)
+        model.to(self.device)
+        model.train()
+        self.n_params = sum(p.numel() for p in model.parameters())
+        if self.world > 1:
+            # Per-rank RNG streams after the shared initialization (dropout / router noise differ
+            # across data-parallel ranks, as in any DP run); tp peers share one stream.
+            seed_everything(recipe.seed + 1_000_003 * (self.dp_rank * self.dims.pp + self.pp_rank))
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.ac_blocks = 0
+
+        def ac(m: nn.Module) -> None:
+            self.ac_blocks += apply_activation_checkpointing(m, cfg.activation_checkpointing, cfg.ac_every)
+
+        self.pm = par.parallelize(model, self.dims, self.mesh, self.device, precision=cfg.precision, ac=ac,
+                                  compile_fn=apply_compile if cfg.compile else None,
+                                  pp_loss=_PipelineLoss(cfg.z_loss) if self.dims.pp > 1 else None)
+        self.model = self.pm.params_module  # parameters + state_dict under the whole model's names
+        self.core = self.pm.core  # the unwrapped Transformer (aux_loss, output/embedding lookup)
+        self._pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        if self.dims.zero == 1 and self.dims.dp > 1:
+            from smelt.train.optim import param_groups
+
+            self.optimizer = par.build_zero1_optimizer(param_groups(self.core, cfg.optim), cfg.optim,
+                                                       par.dp_group(self.mesh, self.dims))
+        else:
+            self.optimizer = build_optimizer(self.core, cfg.optim)
+            if self.dims.tp > 1 and not cfg.parallel.sequence_parallel:
+                # Norm weights stay plain tensors without sequence parallel, the rest are DTensors:
+                # foreach/fused kernels refuse the mix, so step parameter by parameter.
+                for g in self.optimizer.param_groups:
+                    g["foreach"] = False
+                    g["fused"] = False
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.guard = StabilityGuard(cfg.stability)
@@ -297,16 +343,23 @@ class Trainer:
         return run_config_hash(self.recipe, self.model_cfg)
 
     def _prepare_run_dir(self, resume: bool | None) -> None:
-        """Pick fresh start or resume; load the checkpoint; open the metrics writer."""
+        """Pick fresh start or resume; load the checkpoint; open the metrics writer.
+
+        Rank 0 chooses the checkpoint and every rank loads that one (a shared filesystem is
+        assumed, as for DCP itself)."""
         t0 = time.perf_counter()
-        latest = ckpt.find_latest(self.ckpt_dir)
+        latest = ckpt.find_latest(self.ckpt_dir) if self.rank == 0 else None
+        latest = _broadcast_object(latest)
         if resume is True and latest is None:
             raise FileNotFoundError(f"resume requested but {self.ckpt_dir} holds no complete checkpoint")
-        if resume is False and self.train_dir.exists():
+        if resume is False and self.train_dir.exists() and self.rank == 0:
             log.warning("fresh start requested: removing %s", self.train_dir)
             shutil.rmtree(self.train_dir)
+        if resume is False:
             latest = None
-        self.train_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.train_dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
         if latest is not None:
             state = self._load(latest)
             self.resumed_from = latest.name
@@ -335,6 +388,7 @@ class Trainer:
             "last_loss": self.last_loss,
             "config_hash": self.config_hash,
             "world": self.world,
+            "parallel": self.dims.describe(),
         }
 
     def _load(self, path: Path, *, rollback: bool = False) -> dict[str, Any]:
@@ -391,13 +445,39 @@ class Trainer:
     def _logits(self, mb: dict[str, torch.Tensor], use: dict[str, bool]) -> torch.Tensor:
         kwargs = {k: mb[k] for k, on in use.items() if on}
         with self._autocast():
-            return self.model(mb["input_ids"], **kwargs)  # (b, T, V)
+            return self.pm.module(mb["input_ids"], **kwargs)  # (b, T, V)
 
     def _token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-position cross entropy in fp32, 0 where the target is ignored. (b, T)"""
-        b, T, V = logits.shape
-        return F.cross_entropy(logits.float().reshape(b * T, V), targets.reshape(b * T),
-                               ignore_index=IGNORE_INDEX, reduction="none").view(b, T)
+        return token_losses(logits, targets)
+
+    def _pipeline(self, mb: dict[str, torch.Tensor], scale: float, *, train: bool) -> tuple[torch.Tensor, ...]:
+        """One pass of the pipeline schedule over a micro-batch (split into pp_microbatches).
+
+        Returns per-row token-loss sums, per-row target counts and the z-loss sum; zeros except
+        on the rank holding the last stage. ``scale`` multiplies the loss that is backpropagated.
+        """
+        sched, loss = self.pm.schedule, self.pm.loss
+        loss.begin(scale)
+        args = (mb["input_ids"],) if self.pm.first else ()
+        target = mb["targets"] if self.pm.last else None
+        with self._autocast():
+            (sched.step if train else sched.eval)(*args, target=target)
+        return loss.end(mb["input_ids"].shape[0], self.dims.pp_microbatches, self.device)
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP: all-reduce gradients only after the last micro-batch of the accumulation."""
+        if self.pm.ddp and not last:
+            return self.pm.module.no_sync()
+        return contextlib.nullcontext()
+
+    def _reduce_stats(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum per-rank statistics over the data-parallel ranks. Reduced over the whole world and
+        divided by tp: tensor-parallel peers hold identical copies (replicated logits), and under
+        pipeline parallelism only the last stage holds non-zero values."""
+        if self.world == 1:
+            return t
+        par.all_reduce_sum(t)
+        return t / self.dims.tp if self.dims.tp > 1 else t
 
     def train_step(self, batch: dict[str, np.ndarray]) -> StepResult:
         """Forward and backward over the batch's micro-batches (this rank's rows of the global
@@ -407,11 +487,26 @@ class Trainer:
         cfg = self.cfg
         rows = batch["input_ids"].shape[0]
         use = self._forward_kwargs(batch)
-        n_micro = grad_accum_steps(rows * self.world, self.micro_batch, self.world)
+        pipelined = self.pm.schedule is not None
+        if pipelined and any(use.values()):
+            raise RuntimeError(f"pipeline parallelism takes token ids only, but this batch needs "
+                               f"{[k for k, v in use.items() if v]}")
+        n_micro = grad_accum_steps(rows * self.dp_world, self.micro_batch, self.dp_world)
         n_targets = int((batch["targets"] != IGNORE_INDEX).sum())
-        # Issue 6: all-reduce n_targets over data-parallel ranks here (token-weighted global mean).
-        denom = max(n_targets, 1)
         n_domains = max(len(self.domains), int(batch["domain"].max()) + 1 if rows else 1)
+        if self.world > 1:
+            # Token-weighted mean over the GLOBAL batch: every rank divides its token-loss sum by
+            # the target count of all ranks' rows together. A mean of per-rank (or per-micro-
+            # batch) means would over-weight ranks whose rows hold fewer targets (padding, masked
+            # objectives), so the loss and gradient would depend on the world size.
+            counts = torch.tensor([n_targets, n_domains], dtype=torch.int64)
+            par.all_reduce_sum(counts)  # gloo and NCCL both reduce int64 (CPU tensor: gloo only)
+            n_targets = int(counts[0]) // (self.dims.tp * self.dims.pp)
+            n_domains = max(len(self.domains), n_domains)
+        denom = max(n_targets, 1)
+        # DDP and FSDP average gradients over the dp ranks; multiplying by dp turns that average
+        # into the sum over ranks of (rank's token-loss sum / global count) = the global mean.
+        dp = self.dp_world
         dom_loss = torch.zeros(n_domains, dtype=torch.float64, device=self.device)
         dom_count = torch.zeros(n_domains, dtype=torch.float64, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -420,74 +515,133 @@ class Trainer:
         for i in range(n_micro):
             sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
             mb = self._to_device({k: v[sl] for k, v in batch.items()})
-            logits = self._logits(mb, use)  # (b, T, V)
-            tok = self._token_losses(logits, mb["targets"])  # (b, T)
-            mask = mb["targets"] != IGNORE_INDEX  # (b, T)
-            micro_sum = tok.sum()
-            objective = micro_sum
-            if cfg.z_loss > 0:
-                # z-loss (PaLM, Chowdhery et al. 2022, Section 5): pushes log Z toward 0.
-                lse = torch.logsumexp(logits.float(), dim=-1)  # (b, T)
-                z = (lse.square() * mask).sum()
-                objective = objective + cfg.z_loss * z
-                z_sum += z.detach()
-            objective = objective / denom
-            aux = getattr(self.model, "aux_loss", None)
-            if isinstance(aux, torch.Tensor) and aux.requires_grad and cfg.moe_aux_weight > 0:
-                share = float(mask.sum()) / denom  # token share of this micro-batch
-                objective = objective + cfg.moe_aux_weight * share * aux
-                aux_sum += aux.detach() * share
-            if self.scaler is not None:
-                self.scaler.scale(objective).backward()
-            else:
-                objective.backward()
-            loss_sum += micro_sum.detach()
-            dom = mb["domain"]
-            dom_loss.index_add_(0, dom, tok.detach().sum(1).double())
-            dom_count.index_add_(0, dom, mask.sum(1).double())
+            if pipelined:
+                row_loss, row_count, z = self._pipeline(mb, dp / denom, train=True)
+                loss_sum += row_loss.sum()
+                z_sum += z
+                dom_loss.index_add_(0, mb["domain"], row_loss)
+                dom_count.index_add_(0, mb["domain"], row_count)
+                continue
+            with self._no_sync(i == n_micro - 1):
+                self._micro_step(mb, use, dp, denom, dom_loss, dom_count, loss_sum, z_sum, aux_sum)
+        if self.world > 1:
+            stats = self._reduce_stats(torch.cat([torch.stack([loss_sum, z_sum, aux_sum]), dom_loss, dom_count]))
+            loss_sum, z_sum, aux_sum = stats[0], stats[1], stats[2]
+            dom_loss, dom_count = stats[3:3 + n_domains], stats[3 + n_domains:]
         loss = float(loss_sum) / denom
         by_domain = {}
         for d, (dl, dc) in enumerate(zip(dom_loss.tolist(), dom_count.tolist())):  # one device sync
             if dc > 0:
                 by_domain[self.domains[d] if d < len(self.domains) else str(d)] = dl / dc
         res = StepResult(loss=loss, loss_by_domain=by_domain, target_tokens=n_targets,
-                         tokens=rows * batch["input_ids"].shape[1] * self.world)
+                         tokens=rows * batch["input_ids"].shape[1] * self.dp_world)
         if cfg.z_loss > 0:
             res["z_loss"] = float(z_sum) / denom
         if float(aux_sum) != 0.0:
             res["aux_loss"] = float(aux_sum)
         return res
 
+    def _micro_step(self, mb: dict[str, torch.Tensor], use: dict[str, bool], dp: int, denom: int,
+                    dom_loss: torch.Tensor, dom_count: torch.Tensor, loss_sum: torch.Tensor, z_sum: torch.Tensor,
+                    aux_sum: torch.Tensor) -> None:
+        """Forward and backward of one micro-batch; accumulates the statistics in place."""
+        cfg = self.cfg
+        logits = self._logits(mb, use)  # (b, T, V)
+        tok = self._token_losses(logits, mb["targets"])  # (b, T)
+        mask = mb["targets"] != IGNORE_INDEX  # (b, T)
+        micro_sum = tok.sum()
+        objective = micro_sum
+        if cfg.z_loss > 0:
+            # z-loss (PaLM, Chowdhery et al. 2022, Section 5): pushes log Z toward 0.
+            lse = torch.logsumexp(logits.float(), dim=-1)  # (b, T)
+            z = (lse.square() * mask).sum()
+            objective = objective + cfg.z_loss * z
+            z_sum += z.detach()
+        objective = objective * dp / denom  # dp: see train_step (1 in one process: unchanged)
+        aux = getattr(self.core, "aux_loss", None)
+        if isinstance(aux, torch.Tensor) and aux.requires_grad and cfg.moe_aux_weight > 0:
+            share = float(mask.sum()) / denom  # token share of this micro-batch (of the global batch)
+            objective = objective + cfg.moe_aux_weight * share * dp * aux
+            aux_sum += aux.detach() * share
+        if self.scaler is not None:
+            self.scaler.scale(objective).backward()
+        else:
+            objective.backward()
+        loss_sum += micro_sum.detach()
+        dom = mb["domain"]
+        dom_loss.index_add_(0, dom, tok.detach().sum(1).double())
+        dom_count.index_add_(0, dom, mask.sum(1).double())
+
     def _grad_norm(self) -> torch.Tensor:
+        if self.world > 1:  # DTensor shards, pipeline stages: the norm of the whole gradient
+            return par.grad_norm(list(self.model.parameters()), self.device, self._pp_group)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        # Issue 6: DTensor grads make this a DTensor; .full_tensor() gives the global norm.
         return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+
+    def _clip(self, norm_t: torch.Tensor) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.world > 1:
+            par.clip_grads(params, self.cfg.grad_clip, norm_t)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm_t, foreach=True)
 
     # ------------------------------------------------------------------ evaluation
 
+    def _eval_sums(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:
+        """Summed token loss and target count of one validation batch (0, 0 off the last stage)."""
+        mb = self._to_device(batch)
+        if self.pm.schedule is not None:
+            row_loss, row_count, _ = self._pipeline(mb, 1.0, train=False)
+            return float(row_loss.sum()), int(row_count.sum())
+        logits = self._logits(mb, self._forward_kwargs(batch))
+        return (float(self._token_losses(logits, mb["targets"]).sum(dtype=torch.float64)),
+                int((mb["targets"] != IGNORE_INDEX).sum()))
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Token-weighted validation loss per domain (``loader.val_batches``) and overall."""
+        """Token-weighted validation loss per domain (``loader.val_batches``) and overall.
+
+        With several data-parallel ranks, rank r takes batches r, r + dp, ...; every rank runs
+        the same number of forwards (the last round is padded with a weight-0 repeat) because
+        FSDP, TP and PP forwards are collective. Sums are then reduced over the ranks."""
         t0 = time.perf_counter()
         self.model.eval()
-        by_domain: dict[str, float] = {}
-        tot_loss, tot_tok = 0.0, 0
+        sums: dict[str, list[float]] = {}
         try:
             for d in self.domains:
                 d_loss, d_tok = 0.0, 0
-                for batch in self.loader.val_batches(d, self.micro_batch, self.cfg.eval_batches):
-                    mb = self._to_device(batch)
-                    logits = self._logits(mb, self._forward_kwargs(batch))
-                    d_loss += float(self._token_losses(logits, mb["targets"]).sum(dtype=torch.float64))
-                    d_tok += int((mb["targets"] != IGNORE_INDEX).sum())
-                if d_tok:
-                    by_domain[d] = d_loss / d_tok
-                    tot_loss += d_loss
-                    tot_tok += d_tok
+                if self.world == 1:
+                    for batch in self.loader.val_batches(d, self.micro_batch, self.cfg.eval_batches):
+                        bl, bt = self._eval_sums(batch)
+                        d_loss += bl
+                        d_tok += bt
+                else:
+                    batches = list(self.loader.val_batches(d, self.micro_batch, self.cfg.eval_batches))
+                    if self.pm.schedule is not None:  # the pipeline splits rows into equal chunks
+                        batches = [b for b in batches if b["input_ids"].shape[0] % self.dims.pp_microbatches == 0]
+                    rounds = -(-len(batches) // self.dp_world)
+                    for j in range(rounds):
+                        idx = j * self.dp_world + self.dp_rank
+                        bl, bt = self._eval_sums(batches[min(idx, len(batches) - 1)])
+                        if idx < len(batches):
+                            d_loss += bl
+                            d_tok += bt
+                sums[d] = [d_loss, float(d_tok)]
+            if self.world > 1 and sums:
+                flat = self._reduce_stats(torch.tensor([v for pair in sums.values() for v in pair],
+                                                       dtype=torch.float64, device=self.device)).tolist()
+                sums = {d: [flat[2 * i], round(flat[2 * i + 1])] for i, d in enumerate(sums)}
         finally:
             self.model.train()
+        by_domain: dict[str, float] = {}
+        tot_loss, tot_tok = 0.0, 0
+        for d, (d_loss, d_tok) in sums.items():
+            if d_tok:
+                by_domain[d] = d_loss / d_tok
+                tot_loss += d_loss
+                tot_tok += int(d_tok)
         out = {"val_loss": tot_loss / tot_tok if tot_tok else float("nan"), "val_loss_by_domain": by_domain,
                "val_tokens": tot_tok}
         self.timings["eval_s"] += time.perf_counter() - t0
@@ -533,6 +687,7 @@ class Trainer:
                     bar(self.step, result["loss"], last_rate)
                     if self.on_step is not None:
                         self.on_step(self, result)
+                    par.maybe_crash(self.step, self.train_dir, self.rank)  # test-only hook (env var)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                         self.evaluate()
                     if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
@@ -549,7 +704,8 @@ class Trainer:
                 self.save()
             summary = self._summary(complete=False, interrupted=False, wall=time.perf_counter() - t_start,
                                     tokens_per_s=last_rate, mfu=last_mfu, stopped=f"data exhausted: {e}")
-            atomic_write_json(self.train_dir / "manifest.json", summary)
+            if self.rank == 0:
+                atomic_write_json(self.train_dir / "manifest.json", summary)
             self.metrics.close()
             raise
         except BaseException:
@@ -568,10 +724,10 @@ class Trainer:
     def _one_step(self) -> StepResult:
         """Fetch, forward/backward, guard, update. Returns the step's measurements and action."""
         cfg = self.cfg
-        batch_size = batch_size_at(self.tokens_seen, cfg.batch, self.micro_batch, self.world)
+        batch_size = batch_size_at(self.tokens_seen, cfg.batch, self.micro_batch, self.dp_world)
         lr = lr_at(self.step, cfg.schedule, cfg.max_steps, cfg.optim.lr) * self.guard.lr_scale(self.step)
         set_lr(self.optimizer, lr)
-        batch = self.loader.batch(self.samples_seen, batch_size, self.rank, self.world)
+        batch = self.loader.batch(self.samples_seen, batch_size, self.dp_rank, self.dp_world)
         result = self.train_step(batch)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -595,8 +751,7 @@ class Trainer:
                 self.metrics.write("event", rec.pop("step"), rec)
             if action == "ok":
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(
-                        [p for p in self.model.parameters() if p.grad is not None], cfg.grad_clip, norm_t, foreach=True)
+                    self._clip(norm_t)
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -720,6 +875,79 @@ class Trainer:
         }
 
 
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position cross entropy in fp32, 0 where the target is ignored. (b, T)"""
+    b, T, V = logits.shape
+    return F.cross_entropy(logits.float().reshape(b * T, V), targets.reshape(b * T),
+                           ignore_index=IGNORE_INDEX, reduction="none").view(b, T)
+
+
+class _PipelineLoss:
+    """The loss function of the last pipeline stage (called once per pipeline micro-batch).
+
+    Returns ``scale * (sum of token losses + z_loss * z)`` for backward, and records per-row
+    sums and target counts: the schedules call it in micro-batch order, so the last
+    ``n_microbatches`` records line up with the micro-batch's rows (checked in `end`). On its
+    first step a schedule also calls it once to infer gradient shapes; that call comes first and
+    is dropped."""
+
+    def __init__(self, z_loss: float) -> None:
+        self.z_loss = z_loss
+        self.scale = 1.0
+        self.rows: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
+        self.z: list[torch.Tensor] = []
+
+    def begin(self, scale: float) -> None:
+        self.scale = scale
+        self.rows, self.counts, self.z = [], [], []
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        tok = token_losses(logits, targets)  # (b, T)
+        mask = targets != IGNORE_INDEX
+        objective = tok.sum()
+        z = torch.zeros((), dtype=torch.float64, device=tok.device)
+        if self.z_loss > 0:
+            lse = torch.logsumexp(logits.float(), dim=-1)  # (b, T)
+            zl = (lse.square() * mask).sum()
+            objective = objective + self.z_loss * zl
+            z = zl.detach().double()
+        if not logits.is_meta:
+            self.rows.append(tok.detach().sum(1).double())
+            self.counts.append(mask.sum(1).double())
+            self.z.append(z)
+        return objective * self.scale
+
+    def end(self, rows: int, n_microbatches: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.rows:  # not the last stage
+            zeros = torch.zeros(rows, dtype=torch.float64, device=device)
+            return zeros, zeros.clone(), torch.zeros((), dtype=torch.float64, device=device)
+        self.rows, self.counts, self.z = (x[-n_microbatches:] for x in (self.rows, self.counts, self.z))
+        row_loss, row_count = torch.cat(self.rows), torch.cat(self.counts)
+        if row_loss.numel() != rows:
+            raise RuntimeError(f"pipeline loss saw {row_loss.numel()} rows, the micro-batch has {rows}")
+        return row_loss, row_count, torch.stack(self.z).sum()
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank (identity in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -738,16 +966,21 @@ def train(recipe: Recipe, run_dir: Path, resume: bool | None = None, progress: b
     ``resume``: None resumes when a complete checkpoint exists, True requires one, False starts
     over (removing ``run_dir/train``). A run whose manifest is complete for the same
     configuration, with its final checkpoint in place, is not touched (DESIGN.md principle 1).
+
+    Under torchrun (WORLD_SIZE > 1) the process group is created here (gloo on CPU, NCCL on
+    GPU) and destroyed on return; every rank calls this function.
     """
     run_dir = Path(run_dir)
-    manifest = run_dir / "train" / "manifest.json"
-    if resume is not False and manifest.is_file() and recipe.loader is not None:
-        done = read_json(manifest)
-        tokens = run_dir / "tokens" / "manifest.json"
-        model_cfg = resolve_model_config(recipe, read_json(tokens) if tokens.is_file() else {})
-        latest = ckpt.find_latest(run_dir / "train" / "checkpoints")
-        if (done.get("complete") and done.get("config_hash") == run_config_hash(recipe, model_cfg)
-                and latest is not None and latest.name == ckpt.step_dir_name(int(done.get("steps", -1)))):
-            log.info("train: %s is complete (step %d, same configuration); nothing to do", run_dir, done["steps"])
-            return done
-    return Trainer(recipe, run_dir, resume=resume, progress=progress).run()
+    with par.distributed():
+        manifest = run_dir / "train" / "manifest.json"
+        if resume is not False and manifest.is_file() and recipe.loader is not None:
+            done = read_json(manifest)
+            tokens = run_dir / "tokens" / "manifest.json"
+            model_cfg = resolve_model_config(recipe, read_json(tokens) if tokens.is_file() else {})
+            latest = ckpt.find_latest(run_dir / "train" / "checkpoints")
+            if (done.get("complete") and done.get("config_hash") == run_config_hash(recipe, model_cfg)
+                    and latest is not None and latest.name == ckpt.step_dir_name(int(done.get("steps", -1)))):
+                log.info("train: %s is complete (step %d, same configuration); nothing to do", run_dir,
+                         done["steps"])
+                return done
+        return Trainer(recipe, run_dir, resume=resume, progress=progress).run()
