@@ -657,7 +657,8 @@ class Trainer:
         """Train to ``train.max_steps``; returns the summary also written to train/manifest.json."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        peak = peak_flops(cfg.precision, self.device, cfg.peak_tflops)
+        # Per-device peak times the processes (one device each): MFU of the whole job.
+        peak = peak_flops(cfg.precision, self.device, cfg.peak_tflops) * self.world
         log.info("training %d steps from step %d on %s (%s); MFU peak %.1f TFLOP/s", cfg.max_steps, self.step,
                  self.device, cfg.precision, peak / 1e12)
         throughput = Throughput()
