@@ -94,3 +94,9 @@ def test_malformed_input_is_named_not_fatal(tmp_path):
     page = write_report(tmp_path).read_text(encoding="utf-8")
     assert check_html(page).errors == []
     assert "stats.json: unreadable" in page
+
+
+def test_png_summary(tmp_path):
+    _write(tmp_path / "data" / "stats.json", _stats())
+    assert main(["report", str(tmp_path), "-q", "--no-samples", "--png", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

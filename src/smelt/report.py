@@ -283,9 +283,17 @@ class Report:
             outcomes = "; ".join(f"{o} {n}" for o, n in v["outcomes"].items())
             rows.append([_e(label), v["planted"], _e(v["expected"]),
                          f'<span class="{cls}">{v["caught"]} ({frac:.0%})</span>', _e(outcomes)])
+        names = list(labels)[::-1]
+        fig, ax = self.plt.subplots(figsize=(7, 0.32 * len(names) + 1.0))
+        ax.barh(names, [labels[n]["planted"] for n in names], color="#d0d5dd", label="planted")
+        ax.barh(names, [labels[n]["caught"] for n in names], color="#54a24b", label="caught (expected outcome)")
+        ax.set_xlabel("documents")
+        ax.set_title("planted problems caught by curation")
+        ax.legend(fontsize=7)
         return ("<h3>Planted problems: caught?</h3><p>Each synthetic web page carries the problem planted in it "
                 "(<code>meta.planted</code>); this is what curation did with each.</p>"
-                + _table(["planted", "documents", "expected", "caught", "outcomes"], rows, raw=True))
+                + _table(["planted", "documents", "expected", "caught", "outcomes"], rows, raw=True)
+                + _fig(fig, "planted problems caught"))
 
     # -- dedup ------------------------------------------------------------------------------
     def dedup(self) -> str:
@@ -459,6 +467,8 @@ class Report:
         ax2 = ax.twinx()
         ax2.plot(steps, [r.get("grad_norm") for r in train], color="#b279a2", lw=0.8, label="grad norm")
         ax2.set_ylabel("grad norm (before clipping)")
+        lines = ax.get_lines() + ax2.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7)
         ax.set_title("learning rate and gradient norm")
         ax = axes[1][1]
         ax.plot(steps, [r.get("tokens_per_s") for r in train], color="#4c78a8")
@@ -603,6 +613,34 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     atomic_write_text(path, page)
     log.info("report: %s (%.0f kB)", path, len(page) / 1e3)
     return path
+
+
+def write_report_png(report_html: str | Path, out: str | Path, columns: int = 2) -> Path:
+    """A one-picture summary of a report (e.g. for a README): its embedded figures in a grid."""
+    import re
+
+    plt = _plt()
+    from matplotlib import image as mpimg
+
+    page = Path(report_html).read_text(encoding="utf-8")
+    pngs = [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    if not pngs:
+        raise ValueError(f"{report_html}: no figures to render")
+    imgs = [mpimg.imread(io.BytesIO(b), format="png") for b in pngs]
+    rows = -(-len(imgs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(7 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im in zip(axes.flat, imgs):
+        ax.imshow(im)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    from smelt.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(out, buf.getvalue())
+    return Path(out)
 
 
 # --------------------------------------------------------------------------------------------

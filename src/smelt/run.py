@@ -68,6 +68,37 @@ class StageProgress(Protocol):
     def update(self, phase: str, done: int, total: int) -> None: ...
 
 
+class LazyProgress:
+    """A `StageProgress` that opens a display (``factory()``, a context manager) on first use and
+    closes it at the end of each stage, so that no two live displays overlap (the trainer
+    opens its own progress bar)."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory = factory
+        self.cm: Any = None
+        self.display: Any = None
+
+    def _get(self) -> Any:
+        if self.display is None:
+            self.cm = self.factory()
+            self.display = self.cm.__enter__()
+        return self.display
+
+    def start(self, phase: str, total: int) -> None:
+        self._get().start(phase, total)
+
+    def advance(self, phase: str) -> None:
+        self._get().advance(phase)
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        self._get().update(phase, done, total)
+
+    def close(self) -> None:
+        if self.cm is not None:
+            self.cm.__exit__(None, None, None)
+        self.cm = self.display = None
+
+
 class StageFailed(RuntimeError):
     """A stage raised; run.json records it and the message names the stage."""
 
@@ -433,6 +464,12 @@ PIPELINE: dict[str, Stage] = {s.name: s for s in [
 # the driver
 
 
+def _close(progress: StageProgress | None) -> None:
+    close = getattr(progress, "close", None)
+    if close is not None:
+        close()
+
+
 def _check_stage(name: str | None, what: str) -> None:
     if name is not None and name not in STAGES:
         raise RecipeError(f"{what} {name!r}: expected one of {', '.join(STAGES)}")
@@ -496,6 +533,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
         try:
             summary = stage.execute(ctx)
         except BaseException as e:
+            _close(progress)
             rec.update(status="failed", ended_at=_now(), duration_s=round(time.perf_counter() - t0, 3),
                        error=f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted")
             state.save()
@@ -503,6 +541,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
                 raise
             log.debug("%s", traceback.format_exc())
             raise StageFailed(f"{name} failed: {type(e).__name__}: {e}") from e
+        _close(progress)
         rec.update(status="complete", ended_at=_now(), duration_s=round(time.perf_counter() - t0, 3),
                    summary=summary)
         if name != "report":
