@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="a run directory (runs/<name>)")
     rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
     rp.add_argument("--no-samples", action="store_true", help="do not generate text samples")
+    rp.add_argument("--png", default=None, metavar="PATH", help="also write the report's figures as one PNG")
     _common(rp)
     rp.set_defaults(func=cmd_report)
     # ---- end smelt run / smelt report ----
@@ -365,13 +366,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from smelt.run import StageFailed, load_run_recipe, run
+    from smelt.run import LazyProgress, StageFailed, load_run_recipe, run
 
     recipe = load_run_recipe(args.recipe, args.overrides)
+    # one progress display per stage: the trainer opens its own, and rich allows one at a time
+    progress = None if args.quiet else LazyProgress(lambda: RichProgress(True))
     try:
-        with RichProgress(not args.quiet) as rp:
-            state = run(recipe, from_stage=args.from_stage, only=args.only,
-                        progress=rp if not args.quiet else None, source=args.recipe)
+        state = run(recipe, from_stage=args.from_stage, only=args.only, progress=progress, source=args.recipe)
     except StageFailed as e:
         print(f"smelt: {e}", file=sys.stderr)
         return 1
@@ -394,6 +395,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.no_samples:
         generate_samples(run_dir)
     out = write_report(run_dir, Path(args.out) if args.out else None)
+    if args.png:
+        from smelt.report import write_report_png
+
+        write_report_png(out, Path(args.png))
     if not args.quiet:
         log.info("report: %s", out)
     return 0
