@@ -17,6 +17,7 @@ from smelt.data.document import Document
 from smelt.data.io import ShardWriter
 from smelt.tokenizer.train import load_tokenizer, special_ids, tokenizer_sha256, train_tokenizer
 from smelt.tokens import pack
+from smelt.tokens.objectives import SpecialIds
 from smelt.tokens.pack import PackError, pack_tokens, val_count, val_key
 from smelt.tokens.shards import open_shard
 
@@ -118,6 +119,11 @@ def test_manifest_contents(tmp_path: Path, corpus: dict[str, list[Path]], tok_di
     assert m["format_version"] == 1 and m["complete"] is True
     assert m["tokenizer_sha256"] == tokenizer_sha256(tok_dir)
     assert (m["eos_id"], m["bos_id"], m["pad_id"]) == (ids["eos"], ids["bos"], ids["pad"]) == (2, 1, 0)
+    assert m["special_ids"] == ids and ids["sentinel_1"] == tok.token_to_id("<|sentinel_1|>")
+    sp = SpecialIds.from_manifest(m)  # what the loader and the objectives use
+    assert (sp.pad, sp.bos, sp.eos, sp.fim_prefix, sp.fim_middle, sp.fim_suffix, sp.fim_pad) == tuple(
+        ids[k] for k in ("pad", "bos", "eos", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad"))
+    assert sp.sentinels == (ids["sentinel_0"], ids["sentinel_1"])
     assert m["vocab_size"] == tok.get_vocab_size(with_added_tokens=True) and m["vocab_size"] % 128 == 0
     assert m["dtype"] == "uint16"
     assert set(m["domains"]) == set(corpus)
@@ -143,15 +149,64 @@ def test_output_independent_of_workers_slicing_and_engine(tmp_path: Path, corpus
                                                           tok_dir: Path) -> None:
     cfg = PackConfig(shard_tokens=1200)
     a = pack_tokens(cfg, tok_dir, corpus, tmp_path / "a", seed=3, workers=1)
-    b = pack_tokens(cfg, tok_dir, corpus, tmp_path / "b", seed=3, workers=2)  # spawned pool
+    b = pack_tokens(cfg, tok_dir, corpus, tmp_path / "b", seed=3, workers=2)  # threads (small input)
     c = pack_tokens(cfg.model_copy(update={"engine": "hf"}), tok_dir, corpus, tmp_path / "c", seed=3, workers=1)
     d = pack_tokens(cfg, tok_dir, corpus, tmp_path / "d", seed=3, workers=1, slice_bytes=2000)  # files cut in slices
+    e = pack_tokens(cfg.model_copy(update={"parallelism": "processes"}), tok_dir, corpus, tmp_path / "e", seed=3,
+                    workers=2, slice_bytes=3000)  # spawned pool, more tasks than workers
+    f = pack_tokens(cfg.model_copy(update={"engine": "hf"}), tok_dir, corpus, tmp_path / "f", seed=3, workers=3,
+                    slice_bytes=3000)  # HF from threads
     assert d["tasks"] > a["tasks"] == 6
     ref = shard_bytes(tmp_path / "a")
-    assert ref and shard_bytes(tmp_path / "b") == ref and shard_bytes(tmp_path / "c") == ref
-    assert shard_bytes(tmp_path / "d") == ref
-    assert c["engine"]["tasks"] == {"hf": 6} and b["workers"] == 2
-    assert a["domains"] == b["domains"] == c["domains"] == d["domains"]
+    assert ref and all(shard_bytes(tmp_path / x) == ref for x in "bcdef")
+    assert c["engine"]["tasks"] == {"hf": 6} and f["engine"]["tasks"] == {"hf": f["tasks"]}
+    assert e["engine"]["tasks"] == {FAST: e["tasks"]} and e["tasks"] > 6
+    assert (a["parallelism"], b["parallelism"], e["parallelism"], f["parallelism"]) == (
+        "inline", "threads", "processes", "threads")
+    assert b["workers"] == e["workers"] == 2
+    assert all(m["engine"]["fallback_docs"] == a["engine"]["fallback_docs"] for m in (b, d, e))
+    assert a["domains"] == b["domains"] == c["domains"] == d["domains"] == e["domains"] == f["domains"]
+
+
+def test_task_size_and_parallel_mode(tmp_path: Path, corpus: dict[str, list[Path]], tok_dir: Path) -> None:
+    mb = pack.MB
+    assert pack.auto_slice_bytes(0) == pack.auto_slice_bytes(10 * mb) == pack.MIN_SLICE_BYTES
+    assert pack.auto_slice_bytes(640 * mb) == 10 * mb and pack.auto_slice_bytes(10**12) == pack.SLICE_BYTES
+    cfg = PackConfig()
+    assert pack.parallel_mode(cfg, 1, 10**12) == "inline"
+    assert pack.parallel_mode(cfg, 4, int(cfg.threads_below_mb * mb) - 1) == "threads"
+    assert pack.parallel_mode(cfg, 4, int(cfg.threads_below_mb * mb)) == "processes"
+    assert pack.parallel_mode(cfg.model_copy(update={"parallelism": "processes"}), 2, 10) == "processes"
+    assert pack.parallel_mode(cfg.model_copy(update={"parallelism": "threads"}), 2, 10**12) == "threads"
+    # pack.slice_mb sets the task size (and the key: a different cut is another run)
+    kb = corpus["en"][0].stat().st_size / mb
+    one = pack_tokens(PackConfig(), tok_dir, {"en": corpus["en"]}, tmp_path / "one", seed=1, workers=1)
+    cut = pack_tokens(PackConfig(slice_mb=kb / 3), tok_dir, {"en": corpus["en"]}, tmp_path / "cut", seed=1, workers=1)
+    assert one["tasks"] == 2 and cut["tasks"] >= 6 and one["key"] != cut["key"]
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "cut")
+
+
+def test_resume_with_other_parallelism(tmp_path: Path, corpus: dict[str, list[Path]], tok_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Killed while running in threads (no worker files), resumed with processes: the workers
+    # need the encoder's tables, written on resume.
+    cfg = PackConfig(shard_tokens=1500, parallelism="threads")
+    pack_tokens(cfg, tok_dir, corpus, tmp_path / "ref", seed=1, workers=1)
+    real = pack._tokenize_task
+
+    def crash_on_task_3(i: int, **kw: Any) -> dict[str, Any]:
+        if i == 3:
+            raise KeyboardInterrupt("killed")
+        return real(i, **kw)
+
+    monkeypatch.setattr(pack, "_tokenize_task", crash_on_task_3)
+    out = tmp_path / "tokens"
+    with pytest.raises(KeyboardInterrupt):
+        pack_tokens(cfg, tok_dir, corpus, out, seed=1, workers=2)
+    assert (out / pack.WORK / "plan.json").is_file() and not (out / pack.WORK / "fast_bpe.npz").exists()
+    monkeypatch.setattr(pack, "_tokenize_task", real)
+    m = pack_tokens(cfg.model_copy(update={"parallelism": "processes"}), tok_dir, corpus, out, seed=1, workers=2)
+    assert m["parallelism"] == "processes" and shard_bytes(out) == shard_bytes(tmp_path / "ref")
 
 
 @pytest.mark.parametrize("n, frac, floor, cap, want", [
@@ -331,3 +386,37 @@ def test_unencodable_document_is_named(tmp_path: Path, tok_dir: Path) -> None:
         with pytest.raises(PackError, match="cannot encode document 'lone-surrogate'"):
             pack_tokens(PackConfig(engine=engine), tok_dir, pack.find_shards(tmp_path / "clean"),
                         tmp_path / engine, seed=1, workers=1)
+
+
+def test_batched_reader_equals_read_shard(tmp_path: Path, corpus: dict[str, list[Path]],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from smelt.data.io import read_shard
+
+    monkeypatch.setattr(pack, "BATCH_CHARS", 700)  # many batches per file
+    for f in corpus["en"] + corpus["code"]:
+        want = [(d.id, d.text) for d in read_shard(f)]
+        for start, stop in [(0, None), (0, 1), (3, 9), (5, None), (len(want) - 1, None), (len(want), None)]:
+            got = [r for ids, texts in pack._read_batches(pack.PackTask("en", str(f), start, stop))
+                   for r in zip(ids, texts, strict=True)]
+            assert got == want[start:stop], (f, start, stop)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ('{"id": "b", "text": "x"}, {"id": "c", "text": "y"}', "Extra data"),  # two records on one line
+    ('{"id": "b", "text": ["x",', "Expecting"),  # a value spread over two lines...
+    ('"y"]}', "Extra data"),
+    ('{"id": "b", "text": ["x",\n"y"]}', "Expecting value"),  # ...which parses as one value with its neighbour
+    ("", "Expecting value"),  # blank line
+    ('["id", "text"]', "not a record"),
+    ('{"id": "b"}', "not a record"),
+    ('{"id": "b", "text": null}', "not a record"),
+    ('{"text": "no id"}', "not a record"),
+])
+def test_batched_reader_names_the_bad_line(tmp_path: Path, bad: str, why: str) -> None:
+    good = '{"id": "a", "text": "fine", "domain": "en", "meta": {}}'
+    path = tmp_path / "part-00000.jsonl"
+    path.write_text("\n".join([good, good, bad, good]) + "\n")
+    with pytest.raises(PackError, match=f"{path}:3: damaged shard record: .*{why}"):
+        list(pack._read_batches(pack.PackTask("en", str(path))))
+    # a task that stops before the bad line reads fine
+    assert len(list(pack._read_batches(pack.PackTask("en", str(path), 0, 2)))[0][0]) == 2

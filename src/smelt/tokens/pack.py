@@ -16,11 +16,11 @@ Phases
 1. plan (parent): one task per input file, big files cut into slices of consecutive records
    (``ceil(file bytes / slice_bytes)`` slices, cut by record count). The plan depends only on
    the inputs, never on the worker count.
-2. tokenize (process pool, `executor.local.run_tasks`, one completion marker per task): each
-   task writes ``_work/chunks/<task>.{bin,idx}`` (its documents, in input order) and
-   ``<task>.meta.npz`` (per document: validation key, UTF-8 bytes).
+2. tokenize (threads or process pool, `executor.local.run_tasks`, one completion marker per
+   task): each task writes ``_work/chunks/<task>.{bin,idx}`` (its documents, in input order)
+   and ``<task>.meta.npz`` (per document: validation key, UTF-8 bytes).
 3. split (parent): choose each domain's held-out documents (below).
-4. assemble (pool or in process, markers again): each output shard is a run of consecutive
+4. assemble (threads, pool or in process, markers again): each output shard is a run of consecutive
    documents of one (domain, split) stream: a document goes to shard ``floor(s / shard_tokens)``
    where ``s`` is the stream offset of its first token (numbers compacted when a document
    longer than a shard leaves a gap). Shards therefore depend only on the documents, never on
@@ -48,7 +48,7 @@ routes a document to ``val`` iff its ``(key, order)`` <= the threshold. The spli
 
 Resume and re-runs
 ------------------
-The stage key hashes the pack config (minus ``workers``), the seed, the tokenizer's sha256, the
+The stage key hashes the pack config (minus ``workers``/``parallelism``/``threads_below_mb``), the seed, the tokenizer's sha256, the
 input files (path, size, mtime) and the slicing rule. A complete manifest with the same key, and
 every shard it lists present with the right size, makes `pack_tokens` a no-op. Otherwise work
 resumes from ``_work`` when its plan has the same key (finished tasks are skipped; a task whose
@@ -62,10 +62,22 @@ Encoding engines (``pack.engine``)
 ``auto``: tiktoken when `fast_bpe.analyze` accepts the tokenizer, else HF. With the fast path
 each task first encodes its first documents with both engines (``VERIFY_CHARS``); a difference
 fails the task under ``tiktoken`` and switches the task to HF (with a warning, recorded in the
-manifest) under ``auto``. Documents the fast path cannot vouch for go to HF one by one (see
-fast_bpe). Parallelism is one process per worker; in pool workers HF's own thread pool is
-limited to ``cores // workers`` threads. With one worker, tasks run in the calling process: HF
-then uses every core, tiktoken one (two threads gave only 1.25x with tiktoken 0.14, measured).
+manifest) under ``auto``. Documents the fast path cannot vouch for go to HF (see fast_bpe).
+The fast path's analysis of the tokenizer (~0.3 s for 32k tokens) is cached beside
+tokenizer.json (`fast_bpe.cached_analyze`, keyed by its sha256 and the library versions).
+
+Parallelism (``pack.workers``, ``pack.parallelism``)
+----------------------------------------------------
+One worker: tasks run in the calling process (HF then uses its own thread pool on every core).
+Several: ``threads`` run tasks in this process: nothing to start, the tokenizer is already
+loaded, and both engines release the GIL while encoding (tiktoken per joined call of ~4M
+characters, HF per batch); reading JSON lines, the per-document checks and the numpy framing
+hold it. ``processes`` spawn a pool (`executor.local.make_pool`): no GIL, but each worker first
+starts Python, imports, loads the tokenizer and builds the encoder. ``auto`` takes threads for
+inputs below ``pack.threads_below_mb`` on disk, processes above: the crossover measured with
+bench/pack.py is in bench/README.md. In pool workers HF's own thread pool is limited to
+``cores // workers`` threads. Task size: ``pack.slice_mb``, else `auto_slice_bytes` (enough
+tasks to keep the workers busy on a small corpus in few files).
 """
 
 from __future__ import annotations
@@ -76,12 +88,12 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -90,7 +102,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from smelt.data.executor.local import default_workers, marker_path, run_tasks
+from smelt.data.executor.local import default_workers, make_pool, marker_path, run_tasks
 from smelt.fsutil import atomic_open, atomic_write_json, read_json
 from smelt.tokens.shards import HEADER_BYTES, dtype_for_vocab, open_shard, write_shard
 
@@ -116,8 +128,15 @@ BATCH_DOCS = 4096
 # Characters of each task's first documents encoded by both engines when the fast path is on:
 # HF is ~4x slower per core, so this costs ~4 x 2 KB / task size (~1% for a 1 MB task).
 VERIFY_CHARS = 2048
-# Below this many tokens, assembling in the parent beats starting a process pool (~0.5 s).
+# Below this many tokens, assembling in the parent beats using the process pool's workers
+# (each would first load the assembly plan and chunk files into a cold process).
 INLINE_ASSEMBLE_TOKENS = 64_000_000
+# Without ``pack.slice_mb``: cut the input into about this many tasks (so that a small corpus in
+# a few files still keeps every worker busy), each at least MIN_SLICE_BYTES on disk (per-task
+# costs: a chunk file pair, a completion marker and a 2 KB verification, ~5 ms).
+AUTO_SLICES = 64
+MIN_SLICE_BYTES = 1 << 20
+MB = 1 << 20
 _VAL_KEY_PREFIX = b"smelt.pack.val\0"
 _U64 = (1 << 64) - 1
 _SHARD_RE = re.compile(r"^(train|val)-\d{5,}\.(bin|idx)$")
@@ -218,11 +237,13 @@ def _fingerprints(shard_files: dict[str, list[Path]]) -> list[list[Any]]:
 
 def stage_key(cfg: PackConfig, tokenizer_sha256: str, shard_files: dict[str, list[Path]], seed: int,
               slice_bytes: int = SLICE_BYTES) -> str:
-    """What the outputs depend on (worker count excluded: the output does not depend on it)."""
+    """What the outputs depend on (how many workers run, and how, excluded: the output does not
+    depend on it, and a run may resume with other settings)."""
     from smelt.config import recipe_to_dict
 
     conf = recipe_to_dict(cfg)
-    conf.pop("workers", None)
+    for name in ("workers", "parallelism", "threads_below_mb"):
+        conf.pop(name, None)
     blob = json.dumps({"config": conf, "seed": seed, "tokenizer_sha256": tokenizer_sha256,
                        "inputs": _fingerprints(shard_files), "slice_bytes": slice_bytes,
                        "format_version": FORMAT_VERSION}, sort_keys=True)
@@ -303,8 +324,12 @@ def _worker_state(work: Path, key: str, parent_pid: int) -> _WorkerState:
     tok.encode_special_tokens = True  # special-token strings in documents are text
     fast = None
     if plan["engine"] == "tiktoken":
-        with open(work / "fast_bpe.pkl", "rb") as f:
-            fast = _fast_encoder(pickle.load(f), tok)
+        from smelt.tokens.fast_bpe import load_spec
+
+        spec = load_spec(work / "fast_bpe.npz", key)
+        if spec is None:
+            raise PackError(f"pack: {work}/fast_bpe.npz is missing or belongs to another run")
+        fast = _fast_encoder(spec, tok)
     state = _WorkerState(key=key, tasks=[PackTask(**t) for t in plan["tasks"]], tok=tok, fast=fast,
                          requested=plan["requested"], eos=plan["eos_id"],
                          bos=plan["bos_id"] if plan["add_bos"] else None, dtype=np.dtype(plan["dtype"]),
@@ -320,22 +345,94 @@ def _fast_encoder(spec: Any, tok: Any) -> Any:
     return FastBPE(spec, tok)
 
 
-def _read_slice(task: PackTask) -> Iterator[Any]:
+def _read_error(task: PackTask, n: int, e: BaseException) -> PackError:
+    return PackError(f"pack: cannot read input shard {task.path} (after {n} records): {type(e).__name__}: {e}")
+
+
+def _read_batches(task: PackTask) -> Iterator[tuple[list[str], list[str]]]:
+    """(ids, texts) of the task's records, in order, in batches of about `BATCH_CHARS` bytes.
+
+    JSON lines (plain or zstd): the lines of a batch are parsed with one ``json.loads`` of
+    ``[line, line, ...]``: one C call instead of one per record, and records before
+    ``task.start`` are skipped without parsing. Any problem (a batch that is not exactly one
+    value per line, a record without ``id``/string ``text``) is then located line by line and
+    named with its line number. Other formats go through `smelt.data.io.read_shard`.
+    """
+    from smelt.data.io import _CORRUPT_ERRORS, _open_input  # the same decompression (truncation-checked)
+
+    if not task.path.endswith((".jsonl", ".jsonl.zst", ".jsonl.zstd")):
+        yield from _read_batches_generic(task)
+        return
+    n = 0  # lines consumed so far (= records: one per line)
+    try:
+        with _open_input(task.path) as stream:
+            lines: list[bytes] = []
+            size = 0
+            for line in stream:
+                if n >= task.start:
+                    if task.stop is not None and n >= task.stop:
+                        break
+                    lines.append(line)
+                    size += len(line)
+                    if size >= BATCH_CHARS or len(lines) >= BATCH_DOCS:
+                        yield _parse_lines(task, n + 1 - len(lines), lines)
+                        lines, size = [], 0
+                n += 1
+            if lines:
+                yield _parse_lines(task, n - len(lines), lines)
+    except PackError:
+        raise
+    except (*_CORRUPT_ERRORS, OSError) as e:  # damaged zstd, truncated file, missing file, ...
+        raise _read_error(task, n, e) from e
+
+
+def _parse_lines(task: PackTask, first: int, lines: list[bytes]) -> tuple[list[str], list[str]]:
+    """Records of `lines` (record `first` of the file is ``lines[0]``) as (ids, texts)."""
+    try:
+        recs = json.loads(b"[" + b",".join(lines) + b"]")
+        if len(recs) == len(lines):  # else a line held several values, or one spanned lines
+            ids = [str(r["id"]) for r in recs]
+            texts = [r["text"] for r in recs]
+            if all(type(t) is str for t in texts):
+                return ids, texts
+    except (ValueError, KeyError, TypeError, RecursionError):
+        pass
+    for k, line in enumerate(lines):  # find and name the first bad line
+        try:
+            r = json.loads(line)
+            if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("text"), str):
+                raise ValueError("not a record with an id and a string text")
+        except (ValueError, RecursionError) as e:
+            err = ValueError(f"{task.path}:{first + k + 1}: damaged shard record: {type(e).__name__}: {e}")
+            raise _read_error(task, first + k, err) from e
+    raise AssertionError("unreachable: every line parses alone")  # pragma: no cover
+
+
+def _read_batches_generic(task: PackTask) -> Iterator[tuple[list[str], list[str]]]:
     from smelt.data.io import read_shard
 
     it = iter(read_shard(task.path))
     n = 0
+    ids: list[str] = []
+    texts: list[str] = []
+    size = 0
     while task.stop is None or n < task.stop:
         try:
             doc = next(it)
         except StopIteration:
-            return
-        except Exception as e:  # damaged zstd, bad JSON, missing file, ...
-            raise PackError(f"pack: cannot read input shard {task.path} (after {n} records): "
-                            f"{type(e).__name__}: {e}") from e
+            break
+        except Exception as e:  # damaged file, bad record, missing file, ...
+            raise _read_error(task, n, e) from e
         if n >= task.start:
-            yield doc
+            ids.append(doc.id)
+            texts.append(doc.text)
+            size += len(doc.text)
+            if size >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+                yield ids, texts
+                ids, texts, size = [], [], 0
         n += 1
+    if texts:
+        yield ids, texts
 
 
 def _encodes(text: str) -> bool:
@@ -358,14 +455,13 @@ def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str,
     engine = "tiktoken" if w.fast is not None else "hf"
     verify = w.fast is not None
     mismatch: str | None = None
-    fallback_before = Counter(w.fast.fallback_counts) if w.fast is not None else Counter()
+    fallback: Counter[str] = Counter()  # this task's own (tasks may run in threads side by side)
     keys: list[int] = []
     nbytes: list[int] = []
     tokens: list[np.ndarray] = []
     lens: list[np.ndarray] = []
     batch: list[str] = []
     ids: list[str] = []
-    chars = 0
 
     def flush() -> None:
         if not batch:
@@ -402,28 +498,23 @@ def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str,
                     raise PackError(msg + "; use pack.engine=hf or auto")
                 log.warning("%s; this task falls back to HF", msg)
                 engine = "hf"
-        return w.fast.encode_flat(batch) if engine == "tiktoken" else _hf_encode_flat(w.tok, batch)
+        return w.fast.encode_flat(batch, fallback) if engine == "tiktoken" else _hf_encode_flat(w.tok, batch)
 
-    for doc in _read_slice(task):
-        text = doc.text
-        keys.append(val_key(doc.id, w.seed))
-        nbytes.append(len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass")))
-        batch.append(text)
-        ids.append(doc.id)
-        chars += len(text)
-        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            flush()
-            chars = 0
-    flush()
+    seed = w.seed
+    for batch_ids, batch_texts in _read_batches(task):
+        keys.extend(val_key(d, seed) for d in batch_ids)
+        nbytes.extend(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in batch_texts)
+        batch.extend(batch_texts)
+        ids.extend(batch_ids)
+        flush()
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.uint32)
     ends = np.cumsum(np.concatenate(lens)) if lens else np.zeros(0, dtype=np.int64)
     base = chunk_base(Path(work), i)
     n_tok, n_doc = write_shard(base, flat, ends=ends, dtype=w.dtype)
     with atomic_open(base.with_suffix(".meta.npz"), "wb") as f:
         np.savez(f, keys=np.array(keys, dtype=np.uint64), nbytes=np.array(nbytes, dtype=np.int64))
-    fallback = (Counter(w.fast.fallback_counts) - fallback_before) if w.fast is not None else Counter()
     return {"domain": task.domain, "docs": n_doc, "tokens": n_tok, "bytes": int(sum(nbytes)),
-            "engine": engine, "fallback": dict(fallback), "verify_mismatch": mismatch,
+            "engine": engine, "fallback": {k: v for k, v in fallback.items() if v}, "verify_mismatch": mismatch,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -619,24 +710,64 @@ def _remove_stale_temp_files(out_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def _choose_engine(cfg: PackConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
-    """(FastBPE, or None for HF; what the manifest records about the choice)."""
+def _choose_engine(cfg: PackConfig, tok: Any, tok_file: Path, tok_sha: str) -> tuple[Any, dict[str, Any]]:
+    """(FastBPE, or None for HF; what the manifest records about the choice).
+
+    The tokenizer's analysis is cached beside it (`fast_bpe.cached_analyze`): ~0.3 s for a 32k
+    vocabulary, a third of packing a 10 MB corpus, paid once per tokenizer instead of per run.
+    """
     if cfg.engine == "hf":
         return None, {"reason": "pack.engine=hf"}
-    from smelt.tokens.fast_bpe import FastBPE, FastPathUnsupported
+    from smelt.tokens.fast_bpe import FastBPE, FastPathUnsupported, cached_analyze
 
     try:
-        fast = FastBPE.from_tokenizer(tok)  # also compiles the regex: a rejected pattern fails here
+        spec, cached = cached_analyze(tok, tok_file, tok_sha)
+        fast = FastBPE(spec, tok)  # also compiles the regex: a rejected pattern fails here
     except FastPathUnsupported as e:
         if cfg.engine == "tiktoken":
             raise PackError(f"pack.engine=tiktoken: this tokenizer has no exact tiktoken equivalent: {e}") from e
         log.info("pack: tiktoken fast path off (%s); encoding with HF tokenizers", e)
         return None, {"reason": str(e)}
-    return fast, {"fast_path": fast.spec.stats}
+    return fast, {"fast_path": fast.spec.stats, "analysis_cached": cached}
+
+
+def auto_slice_bytes(input_bytes: int) -> int:
+    """Task size when ``pack.slice_mb`` is unset: 1/`AUTO_SLICES` of the input, clamped to
+    [`MIN_SLICE_BYTES`, `SLICE_BYTES`]. Depends on the inputs only (never on the worker count),
+    so the plan, and a resume of it, is the same for any number of workers."""
+    return int(min(SLICE_BYTES, max(MIN_SLICE_BYTES, math.ceil(input_bytes / AUTO_SLICES))))
+
+
+def parallel_mode(cfg: PackConfig, workers: int, input_bytes: int) -> str:
+    """How `workers` parallel tasks run: ``inline`` (one worker: this process), ``threads`` or
+    ``processes`` (``pack.parallelism``; ``auto``: threads below ``pack.threads_below_mb`` of
+    input on disk, else processes). See the module doc for the trade-off."""
+    if workers <= 1:
+        return "inline"
+    if cfg.parallelism != "auto":
+        return cfg.parallelism
+    return "threads" if input_bytes < cfg.threads_below_mb * MB else "processes"
+
+
+def _make_executor(mode: str, workers: int) -> Executor | None:
+    if mode == "threads":
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smelt-pack")
+    if mode == "processes":
+        return make_pool(workers)  # spawned: see smelt.data.executor.local
+    return None
+
+
+def _resumable(work: Path, key: str) -> bool:
+    try:
+        plan = read_json(work / "plan.json")
+    except (OSError, ValueError):
+        return False
+    return plan.get("key") == key
 
 
 def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_dir: Path, workers: int,
-                 ok: Callable[[int, dict[str, Any]], bool], progress: ProgressFn | None) -> list[dict[str, Any]]:
+                 ok: Callable[[int, dict[str, Any]], bool], progress: ProgressFn | None,
+                 pool: Executor | None = None) -> list[dict[str, Any]]:
     """run_tasks, then redo (once) any task whose marker exists but whose outputs do not."""
     for attempt in range(2):
         done = 0
@@ -647,7 +778,7 @@ def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_d
             if progress:
                 progress(phase, done, n)
 
-        results = run_tasks(fn, n, done_dir, workers, on_done=tick)
+        results = run_tasks(fn, n, done_dir, workers, on_done=tick, pool=pool)
         bad = [i for i, r in enumerate(results) if not ok(i, r)]
         if not bad:
             return results
@@ -661,12 +792,13 @@ def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_d
 
 def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, list[Path]], out_dir: Path,
                 seed: int, workers: int | None = None, progress: ProgressFn | None = None, *,
-                slice_bytes: int = SLICE_BYTES, force: bool = False) -> dict[str, Any]:
+                slice_bytes: int | None = None, force: bool = False) -> dict[str, Any]:
     """Tokenize `shard_files` ({domain: curated shard files}) into `out_dir`; return the manifest.
 
-    `workers`: processes (None: ``cfg.workers``; 0: one per core). `progress(phase, done,
-    total)` is called as tasks finish. `slice_bytes`: files larger than this are split into
-    several tasks. `force`: redo everything even if a complete manifest matches.
+    `workers`: parallel tasks (None: ``cfg.workers``; 0: one per core), run by threads or
+    processes (`parallel_mode`). `progress(phase, done, total)` is called as tasks finish.
+    `slice_bytes`: files larger than this are split into several tasks (None: ``cfg.slice_mb``,
+    or `auto_slice_bytes`). `force`: redo everything even if a complete manifest matches.
     """
     from smelt.config import recipe_to_dict
     from smelt.tokenizer.train import load_tokenizer, special_ids, tokenizer_sha256
@@ -684,7 +816,15 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = dtype_for_vocab(vocab_size)
 
-    tasks = plan_tasks(shard_files, slice_bytes)  # input errors surface here, before any work
+    for domain in sorted(shard_files):  # input errors surface here, before any work
+        _check_domain(domain)
+        for f in shard_files[domain]:
+            if not Path(f).is_file():
+                raise PackError(f"pack: input shard {f} does not exist (domain {domain})")
+    input_bytes = sum(os.path.getsize(f) for fs in shard_files.values() for f in fs)
+    if slice_bytes is None:
+        slice_bytes = int(cfg.slice_mb * MB) if cfg.slice_mb is not None else auto_slice_bytes(input_bytes)
+    tasks = plan_tasks(shard_files, slice_bytes)
     key = stage_key(cfg, tok_sha, shard_files, seed, slice_bytes)
     if not force:
         m = read_manifest(out_dir)
@@ -696,68 +836,80 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     (out_dir / "manifest.json").unlink(missing_ok=True)
     work = out_dir / WORK
     plan_file = work / "plan.json"
-    resumable = not force and plan_file.is_file() and read_json(plan_file).get("key") == key
+    resumable = not force and _resumable(work, key)
     if not resumable:
         _clear_outputs(out_dir)
     _remove_stale_temp_files(out_dir)
 
     n_workers = default_workers(workers if workers is not None else cfg.workers)
+    mode = parallel_mode(cfg, n_workers, input_bytes)
+    threads = max(1, default_workers(0) // n_workers)  # HF's own threads per worker process
     if resumable:
         # Same key -> same tokenizer, config and inputs: the plan on disk is this run's plan.
         plan = read_json(plan_file)
-        plan["threads"] = max(1, default_workers(0) // n_workers)
+        plan["threads"] = threads
         atomic_write_json(plan_file, plan, indent=None)
         engine_info = plan["engine_info"]
+        fast = _choose_engine(cfg, tok, tok_file, tok_sha)[0] if plan["engine"] == "tiktoken" else None
+        if plan["engine"] == "tiktoken" and fast is None:  # pragma: no cover - same key, same answer
+            raise PackError(f"pack: {work} was planned with tiktoken, which now refuses the tokenizer")
         log.info("pack: resuming %s", work)
     else:
-        fast, engine_info = _choose_engine(cfg, tok)
-        engine = "tiktoken" if fast is not None else "hf"
+        fast, engine_info = _choose_engine(cfg, tok, tok_file, tok_sha)
         work.mkdir(parents=True, exist_ok=True)
-        if fast is not None:
-            with atomic_open(work / "fast_bpe.pkl", "wb") as f:
-                pickle.dump(fast.spec, f, protocol=pickle.HIGHEST_PROTOCOL)
-        atomic_write_json(plan_file, {
-            "key": key, "tokenizer": str(tok_file.resolve()), "engine": engine, "engine_info": engine_info,
-            "requested": cfg.engine, "eos_id": specials["eos"], "bos_id": specials["bos"], "add_bos": cfg.add_bos,
-            "dtype": dtype.name, "seed": seed, "threads": max(1, default_workers(0) // n_workers),
-            "tasks": [asdict(t) for t in tasks]}, indent=None)
-        # Tasks that run in this process (one worker) reuse what is already loaded here.
-        _STATE.clear()
-        _STATE[str(work)] = _WorkerState(
-            key=key, tasks=tasks, tok=tok, fast=fast,
-            requested=cfg.engine, eos=specials["eos"], bos=specials["bos"] if cfg.add_bos else None,
-            dtype=dtype, seed=seed)
-    timings: dict[str, float] = {}
+        plan = {"key": key, "tokenizer": str(tok_file.resolve()), "engine": "tiktoken" if fast is not None else "hf",
+                "engine_info": engine_info, "requested": cfg.engine, "eos_id": specials["eos"],
+                "bos_id": specials["bos"], "add_bos": cfg.add_bos, "dtype": dtype.name, "seed": seed,
+                "threads": threads, "tasks": [asdict(t) for t in tasks]}
+    if fast is not None and mode == "processes" and not (resumable and (work / "fast_bpe.npz").is_file()):
+        from smelt.tokens.fast_bpe import save_spec  # what the worker processes build their encoder from
 
-    ts = time.perf_counter()
-    results = _run_checked(
-        "tokenize", functools.partial(_tokenize_task, work=str(work), key=key, parent_pid=os.getpid()), len(tasks),
-        work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize), progress)
-    timings["tokenize"] = round(time.perf_counter() - ts, 3)
-    timings["tokenize_tasks_sum"] = round(sum(r["seconds"] for r in results), 3)  # busy time of the workers
+        save_spec(fast.spec, work / "fast_bpe.npz", key)
+    if not resumable:
+        atomic_write_json(plan_file, plan, indent=None)  # after fast_bpe.npz: a plan on disk is complete
+    # Tasks that run in this process (inline or threads) use what is already loaded here.
+    _STATE.clear()
+    _STATE[str(work)] = _WorkerState(
+        key=key, tasks=tasks, tok=tok, fast=fast, requested=cfg.engine, eos=specials["eos"],
+        bos=specials["bos"] if cfg.add_bos else None, dtype=dtype, seed=seed)
+    timings: dict[str, float] = {"setup": round(time.perf_counter() - t_start, 3)}
+    pool = _make_executor(mode, n_workers)
+    try:
+        ts = time.perf_counter()
+        results = _run_checked(
+            "tokenize", functools.partial(_tokenize_task, work=str(work), key=key, parent_pid=os.getpid()), len(tasks),
+            work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize), progress, pool)
+        timings["tokenize"] = round(time.perf_counter() - ts, 3)
+        timings["tokenize_tasks_sum"] = round(sum(r["seconds"] for r in results), 3)  # busy time of the workers
 
-    ts = time.perf_counter()
-    split_info = val_thresholds(cfg, work, tasks, results)
-    shards = plan_assembly(cfg, work, tasks, split_info)
-    atomic_write_json(work / "assemble.json", {
-        "key": key, "dtype": dtype.name, "shards": shards,
-        "thresholds": {d: s["threshold"] for d, s in split_info.items()}}, indent=None)
-    total_tokens = sum(r["tokens"] for r in results)
-    asm_workers = 1 if total_tokens < INLINE_ASSEMBLE_TOKENS else n_workers
-    width = dtype.itemsize
+        ts = time.perf_counter()
+        split_info = val_thresholds(cfg, work, tasks, results)
+        shards = plan_assembly(cfg, work, tasks, split_info)
+        atomic_write_json(work / "assemble.json", {
+            "key": key, "dtype": dtype.name, "shards": shards,
+            "thresholds": {d: s["threshold"] for d, s in split_info.items()}}, indent=None)
+        # Threads cost nothing to start; a process pool pays off only for big outputs.
+        total_tokens = sum(r["tokens"] for r in results)
+        asm_pool = pool if mode == "threads" or total_tokens >= INLINE_ASSEMBLE_TOKENS else None
+        width = dtype.itemsize
 
-    def shard_ok(j: int, r: dict[str, Any]) -> bool:
-        base = out_dir / shards[j]["domain"] / shards[j]["name"]
-        try:
-            return (r["tokens"] == shards[j]["tokens"]
-                    and base.with_suffix(".bin").stat().st_size == HEADER_BYTES + r["tokens"] * width
-                    and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * r["docs"])
-        except OSError:
-            return False
+        def shard_ok(j: int, r: dict[str, Any]) -> bool:
+            base = out_dir / shards[j]["domain"] / shards[j]["name"]
+            try:
+                return (r["tokens"] == shards[j]["tokens"]
+                        and base.with_suffix(".bin").stat().st_size == HEADER_BYTES + r["tokens"] * width
+                        and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * r["docs"])
+            except OSError:
+                return False
 
-    _run_checked("assemble", functools.partial(_assemble_task, work=str(work), out_dir=str(out_dir), key=key),
-                 len(shards), work / "assemble.done", asm_workers, shard_ok, progress)
-    timings["assemble"] = round(time.perf_counter() - ts, 3)
+        _run_checked("assemble", functools.partial(_assemble_task, work=str(work), out_dir=str(out_dir), key=key),
+                     len(shards), work / "assemble.done", n_workers if asm_pool else 1, shard_ok, progress, asm_pool)
+        timings["assemble"] = round(time.perf_counter() - ts, 3)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _STATE.clear()  # release the tokenizer and the encoder: the run is over
+        _ASSEMBLY.clear()
 
     domains: dict[str, dict[str, Any]] = {}
     for domain in sorted(shard_files):
@@ -787,6 +939,9 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         "eos_id": specials["eos"],
         "bos_id": specials["bos"],
         "pad_id": specials["pad"],
+        # Every special token as the tokenizer defines it (name without brackets -> id), so the
+        # loader and objectives (`SpecialIds.from_manifest`) need not assume the id layout.
+        "special_ids": specials,
         "add_bos": cfg.add_bos,
         "domains": domains,
         "totals": totals,
@@ -799,6 +954,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         "inputs": _fingerprints(shard_files),
         "tasks": len(tasks),
         "workers": n_workers,
+        "parallelism": mode,
         "timings_s": timings,
         "key": key,
         "complete": True,
