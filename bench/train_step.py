@@ -1,24 +1,28 @@
 """smelt's training step vs Hugging Face `LlamaForCausalLM`: same config, batch, threads and run.
 
 One step = forward + cross entropy (fp32 log-softmax, the same function for both) + backward +
-`torch.optim.AdamW` step (same hyper-parameters, torch's default foreach kernel for both) +
-zero_grad. The HF model gets smelt's initial weights (`to_hf_state_dict`), so the first losses
-agree, which the script checks. Configurations:
+`torch.optim.AdamW` step (same hyper-parameters) + zero_grad. The HF model gets smelt's initial
+weights (`to_hf_state_dict`), so the first losses agree, which the script prints. Per precision
+(fp32, bf16 autocast) the configurations form an ablation, each row adding one change:
 
-    smelt / HF   x   fp32 / bf16 autocast   (eager)
-    smelt        x   fp32 / bf16 autocast   (torch.compile of forward + loss, inductor)
-    HF           x   fp32 / bf16 autocast   (compiled the same way; only with --hf-compile)
+    hf                 LlamaForCausalLM, attn_implementation="sdpa" (its default), foreach AdamW
+    smelt sdpa         smelt with SDPA everywhere (as HF), foreach AdamW: like for like
+    smelt              + explicit attention for short spans on CPU (llama.EXPLICIT_ATTENTION_MAX_KEYS)
+    smelt fused        + torch's fused AdamW (`fused=True`, smelt's train.optim.fused)
+    smelt compiled sdpa  + torch.compile of forward + loss (inductor), SDPA attention
+    smelt compiled     compiled with explicit attention: smelt's best configuration
+    hf compiled        HF compiled the same way, foreach AdamW (only with --hf-compile)
+    hf eager-attn      HF with attn_implementation="eager" (only with --hf-eager-attn)
 
 Timing: after warm-up (compile included there, and reported), the configurations are measured in
 interleaved rounds (each round times `--steps` steps of every configuration), so other processes
 on the machine hit all of them alike. tokens/s, MFU and "vs HF" use the fastest step of each
 configuration, the estimate least disturbed by neighbours (as `timeit` advises); the median is
-printed beside it. MFU = PaLM training
-FLOPs per token (`smelt.model.flops.flops_per_token`, attention counted over the full T x T
-square) x tokens/s / peak, where the peak is the best TFLOP/s of square 1024 and 2048 matmuls
-in fp32 and in bf16 (AMX on this CPU) with the same thread count, measured before and after.
-"vs HF" divides by HF eager in the same precision. HF runs with attn_implementation="sdpa"
-(its default: the same SDPA is_causal kernel as smelt).
+printed beside it, and the load average at start and end. MFU = PaLM training FLOPs per token
+(`smelt.model.flops.flops_per_token`, attention counted over the full T x T square) x tokens/s /
+peak, where the peak is the best TFLOP/s of square 1024 and 2048 matmuls in fp32 and in bf16
+with the same thread count, measured before and after. "vs HF" divides by `hf` (eager, SDPA) in
+the same precision.
 
     python bench/train_step.py                         # cpu-8m shape, vocab 8192, seq 256, batch 8
     python bench/train_step.py --rounds 2 --steps 3 --no-compile    # quick look
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 from smelt.model.config import ModelConfig, preset
 from smelt.model.flops import flops_per_token, param_count
+from smelt.model import llama
 from smelt.model.llama import Transformer, hf_config, to_hf_state_dict
 
 
@@ -65,12 +71,35 @@ def measure_matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048
     return best
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation."""
+
+    name: str
+    impl: str  # smelt | hf
+    compiled: bool = False
+    fused: bool = False  # torch's fused AdamW kernel instead of foreach
+    explicit_attention: bool = True  # smelt: explicit attention for short spans on CPU
+    hf_attn: str = "sdpa"  # hf: attn_implementation
+
+
+VARIANTS = (
+    Variant("hf", "hf", explicit_attention=False),
+    Variant("smelt sdpa", "smelt", explicit_attention=False),
+    Variant("smelt", "smelt"),
+    Variant("smelt fused", "smelt", fused=True),
+    Variant("smelt compiled sdpa", "smelt", compiled=True, fused=True, explicit_attention=False),
+    Variant("smelt compiled", "smelt", compiled=True, fused=True),
+)
+HF_COMPILED = Variant("hf compiled", "hf", compiled=True, explicit_attention=False)
+HF_EAGER_ATTN = Variant("hf eager-attn", "hf", explicit_attention=False, hf_attn="eager")
+
+
 @dataclass
 class Config:
     name: str
-    impl: str  # smelt | hf
+    variant: Variant
     precision: str  # fp32 | bf16
-    compiled: bool
     step: Callable[[], float] = field(repr=False)
     warmup_s: float = 0.0
     first_loss: float = 0.0
@@ -78,8 +107,11 @@ class Config:
 
 
 def make_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              y: torch.Tensor, precision: str, vocab: int, compiled: bool) -> Callable[[], float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+              y: torch.Tensor, precision: str, vocab: int, v: Variant) -> Callable[[], float]:
+    kernel = {"fused": True} if v.fused else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kernel)
+    # A module-level switch read at call time: set before every step, as configurations interleave.
+    max_keys = llama.EXPLICIT_ATTENTION_MAX_KEYS if v.explicit_attention else 0
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -88,9 +120,10 @@ def make_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Te
 
     # Compiled: forward and loss in one graph, so the fp32 upcast of the logits fuses into the
     # log-softmax (measured 5-10% faster than compiling the model alone, same as per block).
-    loss_fn = torch.compile(loss_of) if compiled else loss_of
+    loss_fn = torch.compile(loss_of) if v.compiled else loss_of
 
     def step() -> float:
+        llama.EXPLICIT_ATTENTION_MAX_KEYS = max_keys
         loss = loss_fn(x, y)
         loss.backward()
         opt.step()
@@ -100,21 +133,19 @@ def make_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Te
     return step
 
 
-def build(cfg: ModelConfig, impl: str, precision: str, compiled: bool, x: torch.Tensor, y: torch.Tensor,
-          seed: int) -> Config:
+def build(cfg: ModelConfig, v: Variant, precision: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> Config:
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    if impl == "hf":
+    if v.impl == "hf":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg), attn_implementation="sdpa"))
+        hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg), attn_implementation=v.hf_attn))
         hf.load_state_dict(to_hf_state_dict(model), strict=not cfg.tie_embeddings)
         model = hf.train()
         forward = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
     else:
         forward = model.train()
-    name = f"{impl} {precision}" + (" compiled" if compiled else "")
-    return Config(name, impl, precision, compiled, make_step(model, forward, x, y, precision, cfg.vocab_size, compiled))
+    return Config(f"{v.name} {precision}", v, precision, make_step(model, forward, x, y, precision, cfg.vocab_size, v))
 
 
 def main() -> None:
@@ -129,7 +160,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved measurement rounds")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
     ap.add_argument("--hf-compile", action="store_true", help="also time HF compiled (reference for compile's share)")
-    ap.add_argument("--only", nargs="*", default=None, help="names to run, e.g. 'smelt fp32' 'hf fp32'")
+    ap.add_argument("--hf-eager-attn", action="store_true", help="also time HF with attn_implementation='eager'")
+    ap.add_argument("--precision", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--only", nargs="*", default=None, help="configuration names to run, e.g. 'smelt bf16' 'hf bf16'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -154,23 +187,23 @@ def main() -> None:
           f"{cfg.n_heads} heads ({cfg.kv_heads} KV); batch {args.batch} x seq {args.seq} = {tokens} tokens/step; "
           f"{fpt / 1e6:.1f} MFLOP/token")
 
-    plan = [("smelt", "fp32", False), ("hf", "fp32", False), ("smelt", "bf16", False), ("hf", "bf16", False)]
-    if not args.no_compile:
-        plan += [("smelt", "fp32", True), ("smelt", "bf16", True)]
-        if args.hf_compile:
-            plan += [("hf", "fp32", True), ("hf", "bf16", True)]
+    variants = [v for v in VARIANTS if not (args.no_compile and v.compiled)]
+    variants += [HF_COMPILED] if args.hf_compile else []
+    variants += [HF_EAGER_ATTN] if args.hf_eager_attn else []
+    load_start = os.getloadavg()
     configs = []
-    for impl, precision, compiled in plan:
-        if args.only and f"{impl} {precision}" + (" compiled" if compiled else "") not in args.only:
-            continue
-        c = build(cfg, impl, precision, compiled, x, y, args.seed)
-        t0 = time.perf_counter()
-        c.first_loss = c.step()
-        for _ in range(args.warmup - 1 + (2 if compiled else 0)):
-            c.step()
-        c.warmup_s = time.perf_counter() - t0
-        configs.append(c)
-        print(f"  warm-up {c.name:<22} {c.warmup_s:6.1f} s, first loss {c.first_loss:.5f}", flush=True)
+    for precision in args.precision:
+        for v in variants:
+            if args.only and f"{v.name} {precision}" not in args.only:
+                continue
+            c = build(cfg, v, precision, x, y, args.seed)
+            t0 = time.perf_counter()
+            c.first_loss = c.step()
+            for _ in range(args.warmup - 1 + (2 if v.compiled else 0)):
+                c.step()
+            c.warmup_s = time.perf_counter() - t0
+            configs.append(c)
+            print(f"  warm-up {c.name:<22} {c.warmup_s:6.1f} s, first loss {c.first_loss:.5f}", flush=True)
 
     for r in range(args.rounds):
         for c in configs:
@@ -185,13 +218,15 @@ def main() -> None:
         peak[p] = max(peak[p], measure_matmul_peak(dt))
     print(f"matmul peak (best of start and end): fp32 {peak['fp32']:.3f} TFLOP/s, bf16 {peak['bf16']:.3f} TFLOP/s")
 
+    load_end = os.getloadavg()
     rows = {}
     for c in configs:
         best = min(c.times)
         tps = tokens / best
-        rows[c.name] = dict(impl=c.impl, precision=c.precision, compiled=c.compiled, step_ms=best * 1e3,
-                            step_ms_median=statistics.median(c.times) * 1e3, tokens_per_s=tps,
-                            tflops=fpt * tps / 1e12, mfu=fpt * tps / 1e12 / peak[c.precision],
+        rows[c.name] = dict(impl=c.variant.impl, precision=c.precision, compiled=c.variant.compiled,
+                            fused_adamw=c.variant.fused, explicit_attention=c.variant.explicit_attention,
+                            step_ms=best * 1e3, step_ms_median=statistics.median(c.times) * 1e3,
+                            tokens_per_s=tps, tflops=fpt * tps / 1e12, mfu=fpt * tps / 1e12 / peak[c.precision],
                             warmup_s=c.warmup_s, first_loss=c.first_loss)
     print(f"\n{'configuration':<22} {'best ms':>9} {'median':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'vs HF':>6}")
@@ -201,14 +236,16 @@ def main() -> None:
         print(f"{name:<22} {r['step_ms']:9.1f} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
               f"{r['tflops']:8.3f} {r['mfu']:6.1%} {ratio:>6}")
     # First-step losses must agree: same weights, same batch (bf16 differs by rounding).
-    for p in ("fp32", "bf16"):
+    for p in args.precision:
         a, b = rows.get(f"smelt {p}"), rows.get(f"hf {p}")
         if a and b:
             print(f"first loss {p}: smelt {a['first_loss']:.6f}, HF {b['first_loss']:.6f}")
+    print(f"load average (1, 5, 15 min) at start {load_start}, at end {load_end}; {os.cpu_count()} CPUs "
+          f"(a shared machine: compare rows of one run, not runs)")
 
     result = dict(bench="train_step", torch=torch.__version__, threads=threads, preset=args.preset,
                   vocab=args.vocab, seq=args.seq, batch=args.batch, params=param_count(cfg),
-                  flops_per_token=fpt, peak_tflops=peak, configs=rows)
+                  flops_per_token=fpt, peak_tflops=peak, load_avg=dict(start=load_start, end=load_end), configs=rows)
     line = json.dumps(result)
     if args.json:
         args.json.write_text(line + "\n")
