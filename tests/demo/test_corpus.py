@@ -70,16 +70,23 @@ def test_planted_outcomes_classify_each_fate(tmp_path):
         w.write(Document("c", "body only", "web", {"planted": "boilerplate", "boilerplate_lines": ["Home | About"]}))
         w.write(Document("d", "body\nHome | About", "web", {"planted": "boilerplate", "boilerplate_lines": ["Home | About"]}))
         w.write(Document("e", "cafÃ©", "web", {"planted": "mojibake"}))
+        w.write(Document("e2", "the “café” end", "web", {"planted": "mojibake"}))  # repaired by normalize
+        w.write(Document("e3", "the yearÃ¢s end, ä¸­æ", "web", {"planted": "mojibake"}))  # C1 stripped, still garbled
     with ShardWriter(data / "rejects" / "part-00000.jsonl.zst", "jsonl.zst") as w:
         w.write(Document("f", "buy", "web", {"planted": "spam", "rejected_by": "gopher_quality",
                                              "reason": "gopher_too_few_stop_words"}))
+        w.write(Document("h", "ç", "web", {"planted": "mojibake", "rejected_by": "language", "reason": "lang_low_score"}))
     with ShardWriter(data / "duplicates" / "part-00000.jsonl.zst", "jsonl.zst") as w:
         w.write(Document("g", "fine text", "web", {"planted": "exact_dup", "duplicate_of": "a"}))
     out = planted_outcomes(data)
     assert out["clean"]["caught"] == 1
     assert out["pii"]["outcomes"] == {"kept, PII redacted": 1} and out["pii"]["caught"] == 1
     assert out["boilerplate"]["planted"] == 2 and out["boilerplate"]["caught"] == 1
-    assert out["mojibake"]["caught"] == 0 and out["mojibake"]["outcomes"] == {"kept": 1}
+    assert out["mojibake"]["outcomes"] == {"kept": 2, "kept, encoding fixed": 1, "language/lang_low_score": 1}
+    assert out["mojibake"]["caught"] == 2 and out["mojibake"]["expected"] == "repaired or rejected"
     assert out["spam"]["outcomes"] == {"gopher_quality/gopher_too_few_stop_words": 1}
     assert out["exact_dup"]["caught"] == 1
     assert json.loads((data / "planted.json").read_text())["key"] == "k1"
+    # A cache written by an older classification (no version) is recomputed, not trusted.
+    (data / "planted.json").write_text(json.dumps({"key": "k1", "labels": {"mojibake": {"caught": 0}}}))
+    assert planted_outcomes(data)["mojibake"]["caught"] == 2

@@ -1,8 +1,19 @@
-"""Text normalization: Unicode form, invisible characters, whitespace, Traditional -> Simplified.
+"""Text normalization: mojibake, Unicode form, invisible characters, whitespace, Traditional -> Simplified.
 
 `Normalizer` rewrites ``doc.text`` in this order (each phase is a compiled regex or a C-level
 `str` method, no per-character Python loop):
 
+0. **Mojibake** (``fix_encoding``): text that was UTF-8 but got decoded as a single-byte
+   encoding ("cafÃ©", "â€œquotedâ€\\x9d", "ç\\x9a\\x84" for 的, double encodings too) is repaired
+   with ftfy's encoding fixes (`fix_mojibake`), as FineWeb does with datatrove's ``FTFYFormatter``
+   and RedPajama with ``ftfy.fix_encoding``; a lone C1 control is read as its Windows-1252
+   character, as browsers do ("\\x93quoted\\x94" -> "“quoted”", so a lone NEL becomes "…"). It
+   runs first because phase 1 deletes the C1 controls (U+0080-U+009F) that Latin-1 mojibake of
+   ``’“”`` consists of, after which the text can no longer be repaired. ftfy costs 100-300 us on a
+   mojibake page and ~25 us just to rule one out, so a page only reaches it when it holds a
+   character sequence that UTF-8 mis-decoded by one of ftfy's single-byte encodings produces
+   (`_MojibakeTrigger`, a necessary condition for ftfy to change anything): ASCII text costs
+   nothing, clean Chinese ~1 us per 200 characters.
 1. **Line breaks and invisible characters** (``strip_control``): ``\\r\\n``/``\\r`` and the other
    line separators that `str.splitlines` honours (VT, FF, NEL, U+2028, U+2029) become ``\\n``;
    C0/C1 controls (except ``\\t`` and ``\\n``), zero-width space, word joiner, BOM, soft hyphen,
@@ -25,13 +36,15 @@
    document are removed.
 
 A document with nothing but whitespace left is rejected as ``empty_after_normalize``.
-Counters (per domain): ``control_chars_removed``, ``whitespace_chars_removed``, ``chars_removed``
-(their sum), ``docs_changed``, ``unicode_changed`` (documents the NFC/NFKC step altered),
+Counters (per domain): ``fixed_encoding`` (documents whose mojibake ftfy repaired),
+``control_chars_removed``, ``whitespace_chars_removed``, ``chars_removed`` (their sum),
+``docs_changed``, ``unicode_changed`` (documents the NFC/NFKC step altered),
 ``t2s_docs`` and ``t2s_chars`` (documents and characters converted by OpenCC).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -114,6 +127,12 @@ class Normalizer(Step):
 
         # Each regex runs only when a cheap test (`str.isascii` is O(1), `in` is a C scan) says
         # it can change something: most documents need none of them.
+        if cfg.fix_encoding and not text.isascii():
+            fixed = fix_mojibake(text)
+            if fixed != text:
+                counts["fixed_encoding"] = 1
+                text = fixed
+
         if cfg.strip_control:
             n0 = len(text)
             odd_breaks = "\r" in text or "\x0b" in text or "\x0c" in text or not text.isascii()
@@ -166,6 +185,144 @@ class Normalizer(Step):
         if self._t2s_trigger is not None and not self._t2s_trigger(text):
             return text
         return self._t2s.convert(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mojibake
+
+def fix_mojibake(text: str) -> str:
+    """`text` with its mojibake repaired by ftfy's encoding fixes, or `text` itself.
+
+    Only the encoding-related fixes run (see `_ftfy_config`): quotes, ligatures, full-width
+    characters, line breaks and Unicode form are left to the rest of the normalizer and the
+    recipe. ``fix_mojibake("cafÃ©") == "café"``; text without mojibake is returned unchanged.
+    """
+    if text.isascii() or not _mojibake_trigger()(text):
+        return text
+    import ftfy
+
+    return ftfy.fix_text(text, _ftfy_config())
+
+
+def has_mojibake(text: str) -> bool:
+    """Would `fix_mojibake` change `text`? (Used to check that planted mojibake was repaired.)"""
+    return fix_mojibake(text) != text
+
+
+@functools.cache
+def _ftfy_config() -> Any:
+    """datatrove's ``FTFYFormatter`` configuration (the one FineWeb ran), minus the fixes that
+    are not about encoding or that other phases own.
+
+    On, as datatrove: ``fix_encoding`` (the mojibake repair proper), ``restore_byte_a0``
+    (U+00A0 that became a space: "voilÃ le" -> "voilà le"), ``replace_lossy_sequences``,
+    ``decode_inconsistent_utf8`` (mojibake mixed with correct text on one line),
+    ``fix_c1_controls`` (a lone U+0080-U+009F is a Windows-1252 character mis-decoded as
+    Latin-1, "\\x93quoted\\x94" -> "“quoted”": what browsers do, WHATWG Encoding maps the
+    ISO-8859-1 label to windows-1252).
+    Off, as datatrove: ligatures, character width (it would turn Chinese full-width punctuation
+    half-width), curly quotes and line breaks: enforcing one format hides variants the model
+    should see. Off, unlike datatrove: ``unescape_html`` (it would rewrite "&amp;" in code and
+    in the HTML module's docs; HTML entities are the extractor's job), ``fix_surrogates`` (it
+    turns a lone surrogate into U+FFFD; ``strip_control`` removes it, and the JSON reader already
+    joins escaped surrogate pairs), ``remove_terminal_escapes`` and ``remove_control_chars``
+    (``strip_control`` owns invisible characters, so turning it off keeps them) and
+    ``normalization`` (``form`` owns it).
+    """
+    from ftfy import TextFixerConfig
+
+    return TextFixerConfig(
+        unescape_html=False, remove_terminal_escapes=False, fix_encoding=True, restore_byte_a0=True,
+        replace_lossy_sequences=True, decode_inconsistent_utf8=True, fix_c1_controls=True,
+        fix_latin_ligatures=False, fix_character_width=False, uncurl_quotes=False, fix_line_breaks=False,
+        fix_surrogates=False, remove_control_chars=False, normalization=None, explain=False)
+
+
+@functools.cache
+def _mojibake_trigger() -> _MojibakeTrigger:
+    import ftfy.chardata  # also registers the "sloppy-windows-125x" codecs
+
+    return _MojibakeTrigger(ftfy.chardata.CHARMAP_ENCODINGS)
+
+
+class _MojibakeTrigger:
+    """`trigger(text)`: could ftfy's encoding fixes change `text`? False means they would not.
+
+    ftfy repairs UTF-8 that was decoded with a single-byte encoding E (Latin-1, sloppy
+    Windows-125x, ISO-8859-2, MacRoman, CP437: ``ftfy.chardata.CHARMAP_ENCODINGS``) by encoding
+    back with E and decoding as UTF-8 (``decode_inconsistent_utf8`` does the same to substrings).
+    That only succeeds on a complete multi-byte UTF-8 sequence: a lead byte C0-DF, E0-EF or F0-F4
+    followed by 1, 2 or 3 continuation bytes 80-BF. So the text must hold E.decode(lead) followed
+    by as many E.decode(continuation) characters, all in the same E. ftfy's relaxations add a
+    space in place of a continuation byte (``restore_byte_a0``: leads C2 C3 C5 CE D0 D9 E0-E3 F0,
+    ``chardata.ALTERED_UTF8_RE``) and "?" or U+001A (``replace_lossy_sequences``, after any lead,
+    ``chardata.LOSSY_UTF8_RE``). Its remaining fixes need a C1 control (``fix_c1_controls`` and
+    the Latin-1 -> Windows-1252 step), U+FFFD or U+001A, each a trigger on its own.
+
+    Testing per encoding (bitmasks) and per sequence length keeps clean text out: "——" or "……"
+    in Chinese (a MacRoman lead, then a Windows-1252 continuation) and "café” " (é is a 3-byte
+    lead in Latin-1 and needs two continuations) do not trigger. One character-class regex finds
+    candidate leads (~2 us on a 200-character Chinese page without any), then the candidates are
+    checked in Python. Checked against ftfy on random strings in tests/data/test_normalize.py.
+    """
+
+    # restore_byte_a0 accepts a space after these leads (chardata.ALTERED_UTF8_RE).
+    _A0_LEADS = (0xC2, 0xC3, 0xC5, 0xCE, 0xD0, 0xD9, 0xE0, 0xE1, 0xE2, 0xE3, 0xF0)
+    # Characters that trigger on their own: C1 controls, SUB and U+FFFD.
+    _SINGLES = "\x80-\x9f\x1a\ufffd"
+    _SINGLES_RE = re.compile(f"[{_SINGLES}]")
+
+    def __init__(self, encodings: list[str]) -> None:
+        def table(byte_values: Any) -> dict[str, int]:
+            """Character -> bitmask of the encodings that decode one of `byte_values` to it."""
+            out: dict[str, int] = {}
+            for i, enc in enumerate(encodings):
+                for b in byte_values:
+                    try:
+                        c = bytes([b]).decode(enc)
+                    except UnicodeDecodeError:  # undefined in this encoding
+                        continue
+                    out[c] = out.get(c, 0) | (1 << i)
+            return out
+
+        self._follow = table(range(0x80, 0xC0))
+        # (sequence length, lead bytes' characters, leads that accept a space for a continuation);
+        # C0 is in range for ftfy's "utf-8-variants" (C0 80, Java's encoded NUL).
+        self._leads: list[tuple[int, dict[str, int], dict[str, int]]] = []
+        for n, lo, hi in ((2, 0xC0, 0xDF), (3, 0xE0, 0xEF), (4, 0xF0, 0xF4)):
+            self._leads.append((n, table(range(lo, hi + 1)),
+                                table([b for b in self._A0_LEADS if lo <= b <= hi])))
+        leads = set().union(*(t for _, t, _ in self._leads))
+        # One character class (an alternation of two would cost ~4x: no first-character
+        # prefilter); which kind of character matched is sorted out in __call__.
+        cls = "".join(re.escape(c) for c in sorted(leads))
+        self._re = re.compile(f"[{cls}{self._SINGLES}]")
+
+    def __call__(self, text: str) -> bool:
+        for m in self._re.finditer(text):
+            c0 = m.group()
+            if self._SINGLES_RE.match(c0) or self._sequence_at(text, m.start(), c0):
+                return True
+        return False
+
+    def _sequence_at(self, text: str, i: int, c0: str) -> bool:
+        """Could text[i:] start with a (relaxed) UTF-8 sequence mis-decoded in one encoding?"""
+        follow = self._follow
+        for n, lead, a0 in self._leads:
+            mask = lead.get(c0, 0)
+            if not mask:
+                continue
+            if i + n > len(text):
+                continue
+            for x in text[i + 1:i + n]:
+                if x == "?":  # replace_lossy_sequences ("\x1a" triggers on its own)
+                    continue
+                mask &= follow.get(x, 0) | (a0.get(c0, 0) if x == " " else 0)
+                if not mask:
+                    break
+            if mask:
+                return True
+        return False
 
 
 def _changed_chars(a: str, b: str) -> int:
