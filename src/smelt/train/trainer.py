@@ -5,9 +5,13 @@
 ``run_dir/train/``::
 
     checkpoints/     DCP checkpoints + trainer_state.json (smelt.train.checkpoint)
-    metrics.jsonl    one JSON object per logged step (smelt.train.metrics)
+    metrics.jsonl    one JSON object per logged step, validation, evaluation or stability
+                     event (smelt.train.metrics; ``kind: eval`` lines hold `evaluate_in_training`'s
+                     scalars without their ``eval/`` prefix: ``ppl/<domain>``, ``bpb/<domain>``,
+                     ``probe/<name>``, ``probes_passed``, ...)
     tensorboard/     TensorBoard events
-    manifest.json    complete, steps, tokens, final loss, validation, timings, config hash
+    manifest.json    complete, steps, tokens, final loss, validation, the last in-training
+                     evaluation (in_training_eval), init_from, timings, config hash
 
 One optimizer step, for a global batch of B sequences of T tokens (B may ramp up):
 
@@ -30,9 +34,20 @@ The loss is always computed in fp32 from the logits.
 
 Run control: with a complete checkpoint in ``train/checkpoints`` the run resumes from it (the
 newest that verifies); ``resume=False`` starts over, ``resume=True`` requires a checkpoint. The
+run with no checkpoint of its own and ``train.init_from`` set loads only the model weights of that
+checkpoint (a run dir: its newest complete one; e.g. a ``smelt import`` of a Hugging Face model)
+after checking it fits ``recipe.model`` (`check_init_compatible`); optimizer, step, RNG and data
+position start fresh, and once the run has a checkpoint of its own, resuming ignores init_from. The
 first Ctrl-C finishes the current step, saves and returns (manifest ``complete: false``,
 ``stopped: "interrupted"``); a second one aborts. Running out of data (`DataExhausted`) saves,
 writes the manifest with the reason and re-raises. A crash leaves the last periodic checkpoint.
+
+Evaluation during training: the validation loss per domain every ``train.eval_every`` steps
+(`Trainer.evaluate`, ``kind: val`` lines), and with an ``eval:`` section whose ``every_steps`` is
+set, `smelt.eval.runner.evaluate_in_training` (held-out perplexity, bits per byte and probes on a
+small budget) every that many steps and at the end (`Trainer.evaluate_in_training`, ``kind:
+eval`` lines, TensorBoard ``eval/...``). Neither changes the training computation (no RNG draws
+survive them), so exact resume holds with both on.
 
 Several processes (``torchrun --nproc_per_node=N -m smelt train RECIPE``): `train` initializes the
 process group (smelt.train.parallel.distributed), `ParallelDims.build` validates
@@ -78,7 +93,7 @@ MANIFEST_VERSION = 1
 IGNORE_INDEX = -100
 
 __all__ = ["train", "Trainer", "apply_activation_checkpointing", "apply_compile", "StepResult",
-           "resolve_model_config", "run_config_hash"]
+           "resolve_model_config", "run_config_hash", "check_init_compatible"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +166,72 @@ def resolve_model_config(recipe: Recipe, tokens_manifest: dict[str, Any]) -> Any
         raise RecipeError(f"invalid recipe:\n  loader.seq_len: {seq_len} exceeds model.max_seq_len "
                           f"({mcfg.max_seq_len})")
     return mcfg
+
+
+# Model fields a run may change when it starts from another run's weights: labels, the init
+# (unused: the weights are loaded), the FFN width rules (the resulting width is compared), and
+# the context length and RoPE base, which continued pretraining raises on purpose (Code Llama,
+# Roziere et al. 2023, Section 2.4: theta 1e4 -> 1e6 for long-context fine-tuning). Any other
+# difference (width, heads, norms, activation, tying, biases, experts, positions) changes what
+# the loaded weights compute, so it is an error.
+_INIT_FREE_FIELDS = frozenset({"preset", "init", "init_std", "multiple_of", "ffn_dim_multiplier", "ffn_hidden",
+                               "n_kv_heads", "max_seq_len", "rope_theta"})
+
+
+def _arch(cfg: Any) -> dict[str, Any]:
+    d = {k: v for k, v in cfg.model_dump().items() if k not in _INIT_FREE_FIELDS}
+    d["kv_heads"], d["hidden_dim"] = cfg.kv_heads, cfg.hidden_dim
+    return d
+
+
+def check_init_compatible(path: Path, source_run: Path | None, model_cfg: Any) -> None:
+    """Raise RecipeError (naming both sides) unless checkpoint ``path`` fits a model of ``model_cfg``.
+
+    Two checks: every tensor of the model is in the checkpoint with the same shape and nothing
+    else is (DCP metadata against a meta-device model: exact whatever wrote the checkpoint), and,
+    when the checkpoint belongs to a run directory, that run's model config agrees on every
+    field outside `_INIT_FREE_FIELDS` (a tied vs untied output has the same tensors but not
+    the same function)."""
+    import torch.distributed.checkpoint as dcp
+
+    from smelt.model.llama import Transformer
+
+    src_cfg = None
+    if source_run is not None:
+        from smelt.model.load import run_model_config
+
+        try:
+            src_cfg, _ = run_model_config(source_run)
+        except (RecipeError, OSError, ValueError) as e:
+            log.warning("train.init_from: cannot read the model config of %s (%s); checking tensor shapes only",
+                        source_run, e)
+    else:
+        log.warning("train.init_from: %s is not inside a run directory; checking tensor shapes only", path)
+    problems: list[str] = []
+    if src_cfg is not None:
+        mine, theirs = _arch(model_cfg), _arch(src_cfg)
+        problems += [f"model.{k}: {theirs[k]!r} in {source_run / 'recipe.yaml'}, {mine[k]!r} in this recipe"
+                     for k in mine if mine[k] != theirs.get(k)]
+        free = [f"{k} {getattr(src_cfg, k)!r} -> {getattr(model_cfg, k)!r}" for k in ("max_seq_len", "rope_theta")
+                if getattr(src_cfg, k) != getattr(model_cfg, k)]
+        if free and not problems:
+            log.info("train.init_from: continuing with %s", ", ".join(free))
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("model."): tuple(v.size) for k, v in meta.items() if k.startswith("model.")}
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Transformer(model_cfg).state_dict().items()}
+    for k, shape in want.items():
+        if k not in saved:
+            problems.append(f"{k}: missing from the checkpoint (this recipe's model has {list(shape)})")
+        elif saved[k] != shape:
+            problems.append(f"{k}: {list(saved[k])} in the checkpoint, {list(shape)} in this recipe's model")
+    problems += [f"{k}: in the checkpoint ({list(saved[k])}), not in this recipe's model" for k in saved
+                 if k not in want]
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise RecipeError(f"invalid recipe:\n  train.init_from: {path} does not fit this recipe's model "
+                          f"(copy the model: section of {source_run / 'recipe.yaml' if source_run else 'its run'}):\n"
+                          + "\n".join(f"    {p}" for p in shown))
 
 
 def run_config_hash(recipe: Recipe, model_cfg: Any) -> str:
@@ -305,6 +386,10 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val: dict[str, Any] | None = None
         self.resumed_from: str | None = None
+        self.init_from: str | None = None  # the checkpoint the weights started from (train.init_from)
+        self.last_eval: dict[str, float] | None = None  # the latest in-training evaluation's scalars
+        self._eval_tokenizer: Any = None
+        self.eval_every = self._in_training_eval_every()
         self.timings = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "startup_s": 0.0}
         self._saved_step: int | None = None
         self._stop = _StopFlag()
@@ -352,21 +437,40 @@ class Trainer:
         latest = _broadcast_object(latest)
         if resume is True and latest is None:
             raise FileNotFoundError(f"resume requested but {self.ckpt_dir} holds no complete checkpoint")
+        if resume is False:
+            latest = None
+        init_path: Path | None = None
+        if latest is None and self.cfg.init_from:
+            # Resolved (and verified) before a fresh start deletes train/: the source must not be in it.
+            found: Path | BaseException | None = None
+            if self.rank == 0:
+                try:
+                    found = self._resolve_init_from(self.cfg.init_from)
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank below, none left waiting
+                    found = e
+            found = _broadcast_object(found)
+            if isinstance(found, BaseException):
+                raise found
+            init_path = found
         if resume is False and self.train_dir.exists() and self.rank == 0:
             log.warning("fresh start requested: removing %s", self.train_dir)
             shutil.rmtree(self.train_dir)
-        if resume is False:
-            latest = None
         if self.rank == 0:
             self.train_dir.mkdir(parents=True, exist_ok=True)
         _barrier()
         if latest is not None:
             state = self._load(latest)
             self.resumed_from = latest.name
+            self.init_from = state.get("init_from")
             if state.get("config_hash") != self.config_hash:
                 log.warning("resuming %s with a different configuration (hash %s, checkpoint %s)", latest.name,
                             self.config_hash, state.get("config_hash"))
             log.info("resuming from %s: step %d, %s tokens", latest, self.step, f"{self.tokens_seen:,}")
+            if self.cfg.init_from:
+                log.info("train.init_from (%s) ignored: resuming from this run's own checkpoint %s",
+                         self.cfg.init_from, latest.name)
+        elif init_path is not None:
+            self._init_weights_from(init_path)
         self.metrics = MetricsWriter(self.train_dir, tensorboard=self.cfg.tensorboard, enabled=self.rank == 0,
                                      resume_step=self.step if latest is not None else None)
         self.timings["startup_s"] += time.perf_counter() - t0
@@ -386,6 +490,7 @@ class Trainer:
             "stability": self.guard.state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "last_loss": self.last_loss,
+            "init_from": self.init_from,
             "config_hash": self.config_hash,
             "world": self.world,
             "parallel": self.dims.describe(),
@@ -409,6 +514,31 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self._saved_step = self.step
         return state
+
+    def _resolve_init_from(self, source: str) -> Path:
+        """``train.init_from`` -> a verified checkpoint directory, checked against this run's model."""
+        from smelt.model.load import resolve_checkpoint
+
+        path, src_run = resolve_checkpoint(source)  # verifies it (CheckpointError naming the problem)
+        path = path.resolve()
+        if path.is_relative_to(self.train_dir.resolve()):
+            raise RecipeError(f"invalid recipe:\n  train.init_from: {source} is inside this run's own "
+                              f"{self.train_dir} (resume instead: drop init_from, or do not pass --no-resume)")
+        check_init_compatible(path, src_run, self.model_cfg)
+        return path
+
+    def _init_weights_from(self, path: Path) -> None:
+        """Load model tensors only (optimizer, step, RNG and data position stay fresh).
+
+        Through DCP's `get_model_state_dict`/`set_model_state_dict` on the wrapped model, so a
+        DDP, FSDP-sharded, tensor-parallel or pipeline-split model reads its own shards of the
+        whole-model checkpoint, as a resume does."""
+        t0 = time.perf_counter()
+        state = ckpt.load_checkpoint(path, self.model, None, restore_rng=False)
+        self.init_from = str(path)
+        log.info("train.init_from: weights from %s (its step %s, %s tokens); optimizer, step, RNG and data "
+                 "position start fresh", path, state.get("step"), f"{int(state.get('tokens_seen') or 0):,}")
+        self.timings["startup_s"] += time.perf_counter() - t0
 
     def save(self) -> Path:
         t0 = time.perf_counter()
@@ -651,6 +781,84 @@ class Trainer:
                  " ".join(f"{k}={v:.4f}" for k, v in by_domain.items()))
         return out
 
+    def _in_training_eval_every(self) -> int:
+        """``eval.every_steps`` when in-training evaluation can run here, else 0 (logged once).
+
+        `evaluate_in_training` runs plain forwards of the whole model in one process (rank 0):
+        with FSDP shards, tensor-parallel DTensors or pipeline stages no rank holds the whole
+        model, and a forward would be a collective the other ranks are not taking part in.
+        Replicated layouts (one process, DDP, ZeRO-1) evaluate rank 0's unwrapped copy while the
+        other ranks wait at the next step's collective."""
+        every = self.recipe.eval.every_steps if self.recipe.eval is not None else 0
+        if not every:
+            return 0
+        if self.dims.fsdp or self.dims.tp > 1 or self.dims.pp > 1:
+            if self.rank == 0:
+                log.warning("eval.every_steps=%d: in-training evaluation is skipped for this layout (%s): it runs a "
+                            "plain forward of the whole model on one process, and no rank holds the whole model "
+                            "under FSDP/TP/PP; run `smelt eval` on the checkpoints instead", every,
+                            self.dims.describe())
+            return 0
+        if self.rank == 0:
+            from smelt.eval.probes import load_probe_files
+
+            load_probe_files(self.recipe.eval.probes)  # a bad probe file is an error now, not at step N
+        return every
+
+    def _tokenizer_for_eval(self) -> Any:
+        """The run's tokenizer (``tokenizer/tokenizer.json``, as `smelt.model.load` finds it)."""
+        if self._eval_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = self.run_dir / "tokenizer" / "tokenizer.json"
+            if not path.is_file():
+                log.warning("eval.every_steps: %s not found; in-training evaluation disabled for this run", path)
+                self.eval_every = 0
+                return None
+            self._eval_tokenizer = Tokenizer.from_file(str(path))
+        return self._eval_tokenizer
+
+    @torch.no_grad()
+    def evaluate_in_training(self) -> dict[str, float] | None:
+        """`smelt.eval.runner.evaluate_in_training` (held-out perplexity + probes, small budget) on
+        rank 0's unwrapped model; scalars to metrics.jsonl (``kind: eval``) and TensorBoard
+        (``eval/...``). Other ranks return None at once.
+
+        Exact resume: the global RNG states are captured before and restored after, and the
+        model's train/eval mode is restored, so a run with evaluation takes the same steps, bit
+        for bit, as one without. A failure is logged and disables further in-training
+        evaluation; the training run goes on (``smelt eval`` can redo it from the checkpoints)."""
+        if self.rank != 0 or not self.eval_every:
+            return None
+        tokenizer = self._tokenizer_for_eval()
+        if tokenizer is None:
+            return None
+        from smelt.eval.runner import evaluate_in_training
+
+        t0 = time.perf_counter()
+        rng = ckpt.capture_rng_state()
+        was_training = self.core.training
+        self.core.eval()
+        bf16 = self.recipe.eval is not None and self.recipe.eval.precision == "bf16"
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                scalars = evaluate_in_training(self.core, tokenizer, self.recipe, self.run_dir)
+        except Exception:  # noqa: BLE001 - evaluation is auxiliary: never lose the training run to it
+            log.exception("step %d: in-training evaluation failed; disabled for the rest of this run", self.step)
+            self.eval_every = 0
+            return None
+        finally:
+            self.core.train(was_training)
+            ckpt.restore_rng_state(rng)
+        self.last_eval = scalars
+        self.metrics.write("eval", self.step, {k.removeprefix("eval/"): v for k, v in scalars.items()})
+        self.timings["eval_s"] += time.perf_counter() - t0
+        ppl = {k.removeprefix("eval/ppl/"): v for k, v in scalars.items() if k.startswith("eval/ppl/")}
+        log.info("step %d: eval %s%s (%.1f s)", self.step, " ".join(f"ppl/{d}={v:.3f}" for d, v in ppl.items()),
+                 f" probes passed {scalars['eval/probes_passed']:.0%}" if "eval/probes_passed" in scalars else "",
+                 time.perf_counter() - t0)
+        return scalars
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
@@ -691,11 +899,14 @@ class Trainer:
                     par.maybe_crash(self.step, self.train_dir, self.rank)  # test-only hook (env var)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                         self.evaluate()
+                    if self.eval_every and self.step % self.eval_every == 0 and self.step < cfg.max_steps:
+                        self.evaluate_in_training()
                     if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
                         self.save()
             self.timings["train_s"] += throughput.read()[1]
             if self.step >= cfg.max_steps:
                 self.evaluate()
+                self.evaluate_in_training()
             if self._saved_step != self.step:
                 self.save()
         except DataExhausted as e:
@@ -869,6 +1080,8 @@ class Trainer:
             "precision": self.cfg.precision,
             "device": str(self.device),
             "resumed_from": self.resumed_from,
+            "init_from": self.init_from,
+            "in_training_eval": self.last_eval,
             "checkpoint": str(latest.relative_to(self.run_dir)) if latest is not None else None,
             "timings": {**{k: round(v, 3) for k, v in self.timings.items()}, "wall_s": round(wall, 3)},
             "config_hash": self.config_hash,
