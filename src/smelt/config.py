@@ -67,6 +67,10 @@ class StepConfig(Strict):
 
 
 class NormalizeConfig(StepConfig):
+    fix_encoding: bool = Field(
+        True, description="Repair mojibake (UTF-8 read as Latin-1/Windows-1252/..., 'cafÃ©' -> 'café') with ftfy's "
+        "encoding fixes, before the other normalization; as FineWeb (datatrove FTFYFormatter) and RedPajama "
+        "(ftfy.fix_encoding).")
     form: Literal["NFC", "NFKC", "none"] = Field(
         "NFC", description="Unicode normalization; NFKC also folds full-width ASCII (ＡＢＣ１２３) to ASCII.")
     strip_control: bool = Field(True, description="Remove C0/C1 control and zero-width characters (keeps \\n and \\t).")
@@ -433,6 +437,11 @@ class TrainConfig(Strict):
     tensorboard: bool = Field(True, description="Also write TensorBoard events.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Data/tensor/pipeline parallelism.")
+    init_from: str | None = Field(
+        None, description="Initialize model weights from this checkpoint (e.g. an imported run's "
+        "train/checkpoints/step-0000000, or a run dir: its newest complete checkpoint) at step 0; optimizer, step, "
+        "RNG and data position start fresh. Relative to the working directory. Ignored when the run resumes from "
+        "its own checkpoint.")
 
 
 class EvalConfig(Strict):
