@@ -1,18 +1,21 @@
 """Throughput (tokens/s) and MFU of each parallel mode, through smelt's own trainer.
 
-CPU (default): 2 processes on gloo per mode (DDP, ZeRO-1, ZeRO-2, ZeRO-3, TP, TP without SP,
-PP 1F1B, PP GPipe) against 1 process, on a synthetic token stream and the ``cpu-1m`` preset. On
-a 2-core machine the figures show the overhead of each mode (collectives over loopback, smaller
-per-process matmuls), not a speed-up; MFU is against the CPU matmul peak measured by each
-process (smelt.train.metrics). The machine may be shared: the load average is printed with the
-figures.
+CPU (default): 2 processes on gloo per mode (DDP, ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload,
+TP, TP without SP, PP 1F1B, PP GPipe, PP interleaved 1F1B, FSDP with bf16 MixedPrecisionPolicy)
+against 1 process (fp32 and bf16 autocast), and 4 processes for FSDP x TP and HSDP, on a
+synthetic token stream and the ``cpu-1m`` preset (4 layers: interleaved 1F1B gets 2 stages per
+rank). On a 2-core machine the figures show the overhead of each mode (collectives over loopback,
+smaller per-process matmuls; 4 processes oversubscribe the cores), not a speed-up; MFU is against
+the CPU matmul peak measured by each process (smelt.train.metrics). The machine may be shared:
+the load average is printed with the figures. ``--modes`` picks a subset by name.
 
 GPU (``--gpu``, when a GPU is lent): the ``llama-1b`` preset in bf16 with torch.compile and
 selective activation checkpointing (every 2nd block), under torchrun with one process per GPU
 (FSDP2 ZeRO-3 when there are several); tokens/s and MFU against 989 TFLOP/s (H100 SXM dense
 bf16) and against the bf16 matmul peak measured on the device.
 
-    python bench/parallel.py                  # CPU modes, 2 processes
+    python bench/parallel.py                  # CPU modes, 1, 2 and 4 processes
+    python bench/parallel.py --modes "1 process,DDP,HSDP"
     python bench/parallel.py --gpu [--steps 30] [--seq-len 2048] [--micro-batch 4]
 """
 
@@ -33,16 +36,23 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-CPU_MODES: dict[str, tuple[int, dict[str, Any]]] = {
-    "1 process": (1, {}),
-    "DDP": (2, {"zero": 0}),
-    "ZeRO-1": (2, {"zero": 1}),
-    "ZeRO-2 (FSDP2)": (2, {"zero": 2}),
-    "ZeRO-3 (FSDP2)": (2, {"zero": 3}),
-    "TP + SP": (2, {"tp": 2}),
-    "TP": (2, {"tp": 2, "sequence_parallel": False}),
-    "PP 1F1B": (2, {"pp": 2, "pp_schedule": "1f1b"}),
-    "PP GPipe": (2, {"pp": 2, "pp_schedule": "gpipe"}),
+# name -> (processes, train.parallel, train.precision)
+CPU_MODES: dict[str, tuple[int, dict[str, Any], str]] = {
+    "1 process": (1, {}, "fp32"),
+    "DDP": (2, {"zero": 0}, "fp32"),
+    "ZeRO-1": (2, {"zero": 1}, "fp32"),
+    "ZeRO-2 (FSDP2)": (2, {"zero": 2}, "fp32"),
+    "ZeRO-3 (FSDP2)": (2, {"zero": 3}, "fp32"),
+    "ZeRO-3 + offload": (2, {"zero": 3, "cpu_offload": True}, "fp32"),
+    "TP + SP": (2, {"tp": 2}, "fp32"),
+    "TP": (2, {"tp": 2, "sequence_parallel": False}, "fp32"),
+    "PP 1F1B": (2, {"pp": 2, "pp_schedule": "1f1b"}, "fp32"),
+    "PP GPipe": (2, {"pp": 2, "pp_schedule": "gpipe"}, "fp32"),
+    "PP interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 2}, "fp32"),
+    "1 process bf16": (1, {}, "bf16"),
+    "ZeRO-3 bf16 (MP)": (2, {"zero": 3}, "bf16"),
+    "FSDP x TP": (4, {"zero": 3, "tp": 2}, "fp32"),
+    "HSDP 2x2": (4, {"zero": 3, "dp_replicate": 2, "dp_shard": 2}, "fp32"),
 }
 
 
@@ -115,9 +125,11 @@ def cpu(args: argparse.Namespace) -> None:
               f"{args.global_batch}, micro {args.micro_batch}, {args.steps} steps; load average before "
               f"{os.getloadavg()}")
         print(f"{'mode':18s} {'procs':>5s} {'tokens/s':>10s} {'MFU':>7s} {'wall s':>7s}  final loss")
-        for name, (nproc, par) in CPU_MODES.items():
+        for name, (nproc, par, precision) in CPU_MODES.items():
+            if args.modes and name not in args.modes:
+                continue
             recipe = _recipe({"preset": args.preset}, par, steps=args.steps, seq_len=args.seq_len,
-                             global_batch=args.global_batch, micro_batch=args.micro_batch, precision="fp32",
+                             global_batch=args.global_batch, micro_batch=args.micro_batch, precision=precision,
                              compile_=False, ac="none")
             r = run_mode(root / name.replace(" ", "_"), tokens, nproc, recipe, timeout=600)
             if "error" in r:
@@ -134,7 +146,10 @@ def gpu(args: argparse.Namespace) -> None:
     from smelt.train.metrics import measure_matmul_tflops
 
     if not torch.cuda.is_available():
-        raise SystemExit("--gpu: no CUDA device")
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SystemExit(f"bench/parallel.py --gpu: no CUDA device visible (torch {torch.__version__}, {built}; "
+                         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run it on a "
+                         "GPU machine, or without --gpu for the CPU modes.")
     n = torch.cuda.device_count()
     peak_meas = measure_matmul_tflops("bf16", "cuda", n=8192)
     with tempfile.TemporaryDirectory() as d:
@@ -164,7 +179,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--global-batch", type=int, default=None)
     ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--modes", default="", help="CPU modes to run, comma-separated names from the table "
+                    f"(default: all of {', '.join(CPU_MODES)})")
     args = ap.parse_args()
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in CPU_MODES]
+    if unknown:
+        ap.error(f"--modes: unknown {unknown}; choose from {list(CPU_MODES)}")
     if args.gpu:
         args.steps, args.seq_len = args.steps or 30, args.seq_len or 2048
         args.micro_batch = args.micro_batch or 4

@@ -420,7 +420,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: Any, zero: int, precision: str, cpu_of
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Pinned host memory makes the H2D/D2H copies asynchronous; pinning needs an accelerator
+    # (torch raises "Cannot access accelerator device" without one). On a CPU run the sharded
+    # parameters, gradients and optimizer state live on the host anyway: the policy then runs the
+    # offload code path without moving data.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     reshard = zero >= 3
     n = len(model.layers)
     for i, block in enumerate(model.layers):
