@@ -739,3 +739,14 @@ def print_golden() -> None:  # pragma: no cover - maintenance helper
         (Path(d) / "tokens_src").mkdir()
         tok = _write_tokens(Path(d) / "tokens_src")
         print(_golden_run(Path(d), tok))
+
+
+def test_compiled_training_matches_eager(tmp_path: Path, tokens: Path) -> None:
+    """`train.compile` (blocks and the loss through inductor) trains the same model as eager."""
+    runs = {}
+    for compiled in (False, True):
+        run = _run_dir(tmp_path, tokens, name=f"compile-{compiled}")
+        Trainer(_recipe(max_steps=3, compile=compiled, checkpoint={"every": 100}), run, progress=False).run()
+        runs[compiled] = [loss for _, loss in _losses(run)]
+    assert len(runs[True]) == 3
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-4)
