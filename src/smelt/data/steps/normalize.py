@@ -260,10 +260,11 @@ class _MojibakeTrigger:
     the Latin-1 -> Windows-1252 step), U+FFFD or U+001A, each a trigger on its own.
 
     Testing per encoding (bitmasks) and per sequence length keeps clean text out: "——" or "……"
-    in Chinese (a MacRoman lead, then a Windows-1252 continuation) and "café” " (é is a 3-byte
-    lead in Latin-1 and needs two continuations) do not trigger. One character-class regex finds
-    candidate leads (~2 us on a 200-character Chinese page without any), then the candidates are
-    checked in Python. Checked against ftfy on random strings in tests/data/test_normalize.py.
+    in Chinese (a MacRoman lead, then a Windows-1252 continuation), "café” " (é is a 3-byte
+    lead in Latin-1 and needs two continuations) and " – " do not trigger. A text without C1
+    controls, U+001A or U+FFFD costs two character-class scans (~1 us per 200 characters), plus
+    a Python check for each lead followed by a possible continuation (rare in English and
+    Chinese). Checked against ftfy on random strings in tests/data/test_normalize.py.
     """
 
     # restore_byte_a0 accepts a space after these leads (chardata.ALTERED_UTF8_RE).
@@ -286,24 +287,27 @@ class _MojibakeTrigger:
             return out
 
         self._follow = table(range(0x80, 0xC0))
+        # ftfy skips restore_byte_a0 for MacRoman, where it would match an en dash (D0) or "≈"
+        # (C5) followed by a space; so must we, or every " – " would reach ftfy.
+        no_a0 = (1 << encodings.index("macroman")) if "macroman" in encodings else 0
         # (sequence length, lead bytes' characters, leads that accept a space for a continuation);
         # C0 is in range for ftfy's "utf-8-variants" (C0 80, Java's encoded NUL).
         self._leads: list[tuple[int, dict[str, int], dict[str, int]]] = []
         for n, lo, hi in ((2, 0xC0, 0xDF), (3, 0xE0, 0xEF), (4, 0xF0, 0xF4)):
-            self._leads.append((n, table(range(lo, hi + 1)),
-                                table([b for b in self._A0_LEADS if lo <= b <= hi])))
+            a0 = table([b for b in self._A0_LEADS if lo <= b <= hi])
+            a0 = {c: m & ~no_a0 for c, m in a0.items() if m & ~no_a0}
+            self._leads.append((n, table(range(lo, hi + 1)), a0))
         leads = set().union(*(t for _, t, _ in self._leads))
-        # One character class (an alternation of two would cost ~4x: no first-character
-        # prefilter); which kind of character matched is sorted out in __call__.
-        cls = "".join(re.escape(c) for c in sorted(leads))
-        self._re = re.compile(f"[{cls}{self._SINGLES}]")
+        follow = set(self._follow) | {" ", "?"}
+        # Candidate leads: a lead character followed by a possible continuation, in any of the
+        # encodings; the lookahead keeps the curly quotes and dashes of English text (MacRoman
+        # leads) out of the Python check unless a Latin-1 letter or symbol follows them.
+        self._re = re.compile(f"[{_char_class(leads)}](?=[{_char_class(follow)}])")
 
     def __call__(self, text: str) -> bool:
-        for m in self._re.finditer(text):
-            c0 = m.group()
-            if self._SINGLES_RE.match(c0) or self._sequence_at(text, m.start(), c0):
-                return True
-        return False
+        if self._SINGLES_RE.search(text):
+            return True
+        return any(self._sequence_at(text, m.start(), m.group()) for m in self._re.finditer(text))
 
     def _sequence_at(self, text: str, i: int, c0: str) -> bool:
         """Could text[i:] start with a (relaxed) UTF-8 sequence mis-decoded in one encoding?"""
@@ -323,6 +327,10 @@ class _MojibakeTrigger:
             if mask:
                 return True
         return False
+
+
+def _char_class(chars: set[str]) -> str:
+    return "".join(re.escape(c) for c in sorted(chars))
 
 
 def _changed_chars(a: str, b: str) -> int:
