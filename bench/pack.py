@@ -210,9 +210,12 @@ def main() -> None:
             timed("raw HF encode_batch_fast", lambda: tok.encode_batch_fast(texts, add_special_tokens=False))
             timed("FastBPE.encode_flat (in memory)", lambda: fast.encode_flat(texts))
             for c in configs:
-                manifests[c] = timed(label(c), lambda c=c: pack_tokens(
+                before = wall.get(label(c))
+                m = timed(label(c), lambda c=c: pack_tokens(
                     PackConfig(engine=c[0], workers=c[1], parallelism=c[2]), tok_path, files, out_dir(c),
                     seed=1234, workers=c[1], force=True))
+                if wall[label(c)] != before:  # the kept (fastest) run's manifest: its phases and cache use
+                    manifests[c] = m
         load1 = os.getloadavg()[0]
         rows = [{"engine": c[0], "workers": c[1], "parallelism": manifests[c]["parallelism"],
                  "seconds": round(wall[label(c)], 3), "cpu_seconds": round(cpu[label(c)], 3),
