@@ -105,6 +105,13 @@ def distributed(timeout_s: float | None = None) -> Iterator[DistEnv]:
         kwargs: dict[str, Any] = {}
         if timeout_s is not None:
             kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            # After a torchrun restart the workers share the agent's store with the failed round,
+            # whose keys are still there: gloo's full-mesh connect can read the dead workers'
+            # addresses and fail ("Connection refused") or hang. A per-round prefix hides them.
+            store, rank, size = next(dist.rendezvous("env://"))
+            kwargs.update(store=dist.PrefixStore(f"smelt/restart-{restart}", store), rank=rank, world_size=size)
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
             dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local}"), **kwargs)
