@@ -67,7 +67,7 @@ def test_accounting_identity_and_planted_problems_caught(demo):
     assert d["input"] == d["kept"] + d["rejected"] + d["duplicates"]
     assert set(stats["by_domain"]) == {"prose", "code", "web"}
     planted = json.loads((run_dir / "data" / "planted.json").read_text())["labels"]
-    for label in ("exact_dup", "near_dup", "pii", "boilerplate", "spam", "short", "contaminated"):
+    for label in ("exact_dup", "near_dup", "pii", "boilerplate", "spam", "short", "contaminated", "mojibake"):
         assert planted[label]["caught"] == planted[label]["planted"] > 0, (label, planted[label])
     assert planted["clean"]["caught"] == planted["clean"]["planted"]  # no clean page lost
     assert any(r.startswith("decontam/") for r in stats["rejects_by_reason"])
