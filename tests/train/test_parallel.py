@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -118,7 +119,16 @@ def _torchrun(args: list[str], nproc: int = 2, extra: list[str] | None = None, e
              else ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where, *(extra or []), *args]
     full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+    # A session of its own, so that a timeout kills torchrun's workers too (they outlive it otherwise).
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=full_env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"torchrun timed out after {timeout:.0f} s: {' '.join(args)}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _run_dir(root: Path, tokens: Path, name: str) -> Path:
