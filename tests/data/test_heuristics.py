@@ -326,6 +326,16 @@ def test_c4_rejects(text, reason):
     assert judge(C4Filter(), text)[0] == reason
 
 
+def test_c4_counts_possessive_s_as_a_sentence_end():
+    # "James's." ends a sentence (the s is not an initial like "J."), with either apostrophe.
+    from smelt.data.steps.heuristics import _count_sentences
+
+    assert _count_sentences("We met at James’s. Then we left for the cat's. It was late.") == 3
+    assert _count_sentences("We met J. Smith. Then we left.") == 2
+    text = "We stayed at James’s. The garden was green. We ate at Anna's. The bread was warm. We slept."
+    assert judge(C4Filter(), text)[0] is None
+
+
 def test_c4_document_rules_only_look_at_kept_lines():
     # "{" and "lorem ipsum" in lines that are dropped anyway do not reject (datatrove's order)
     text = "var config = {debug: true}\nlorem ipsum dolor\n" + PARAS[1] + "\n" + PARAS[2]

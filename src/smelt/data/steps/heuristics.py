@@ -156,13 +156,14 @@ POLICY_SUBSTRINGS = (
 
 # Sentence ends for the C4 sentence count. datatrove counts spaCy sentencizer sentences; this
 # matches its behaviour on the cases that matter: "..." and ". . ." do not end a sentence, nor a
-# period after a single letter (H. sapiens, U.S., e.g., p.m.) or a title (Mr., Dr.); closing
+# period after a single letter (H. sapiens, U.S., e.g., p.m.; not the s of a possessive: James's.)
+# or a title (Mr., Dr.); closing
 # quotes stay with their sentence; 。！？ end a sentence without a following space.
 # The pattern starts with the terminal mark and looks behind from there, so the regex engine
 # only examines candidate positions (leading lookbehinds made it 10x slower).
 _SENT_END_RE = re.compile(
     r"[。！？｡]+[" + re.escape(_CLOSERS) + r"]*"
-    r"|(?:\.(?!\.)|[!?])(?<!\..)(?<!\. .)(?<!\b[A-Za-z].)(?<!\bM[rst].)(?<!\b[DS][rt].)(?<![JS]r.)(?<!\bvs.)"
+    r"|(?:\.(?!\.)|[!?])(?<!\..)(?<!\. .)(?<!(?<![’'])\b[A-Za-z].)(?<!\bM[rst].)(?<!\b[DS][rt].)(?<![JS]r.)(?<!\bvs.)"
     r"(?<!\bMrs.)(?<!\bProf.)[.!?]*[" + re.escape(_CLOSERS) + r"]*(?=\s|$)(?!\s\.)"
 )
 
