@@ -246,22 +246,9 @@ def _load(recipe_path: str, overrides: list[str]) -> tuple[Recipe, Path]:
 
 
 def _clean_shards(recipe: Recipe, run_dir: Path, inputs: list[str] | None) -> dict[str, list[Path]]:
-    from smelt.data.curate import clean_shard_files
+    from smelt.tokenizer.train import input_files
 
-    if not inputs:
-        try:
-            return clean_shard_files(run_dir / "data")
-        except FileNotFoundError as e:
-            raise RecipeError(str(e)) from None
-    out: dict[str, list[Path]] = {}
-    for inp in inputs:
-        p = Path(inp)
-        if not p.exists():
-            raise RecipeError(f"tokenizer.inputs: {p} does not exist")
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        for f in files:
-            out.setdefault(f.parent.name, []).append(f)
-    return out
+    return input_files(run_dir, inputs)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:

@@ -638,18 +638,23 @@ def parse_recipe(tree: dict[str, Any], overrides: list[str] | None = None) -> Re
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file (``None``: an empty recipe plus overrides)."""
-    tree: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML: {e}") from None
-        except UnicodeDecodeError:
-            raise RecipeError(f"{p}: not UTF-8 text") from None
-    return parse_recipe(tree, overrides)
+    return parse_recipe(read_recipe_tree(path) if path is not None else {}, overrides)
+
+
+def read_recipe_tree(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a plain mapping (``yaml.safe_load``), before overrides and validation."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not UTF-8 text") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{p}: the top level must be a mapping of sections")
+    return tree
 
 
 def recipe_to_dict(recipe: BaseModel) -> dict[str, Any]:

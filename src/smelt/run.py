@@ -46,7 +46,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from smelt.config import Recipe, RecipeError, apply_override, config_hash, parse_recipe, recipe_to_dict
+from smelt.config import (Recipe, RecipeError, apply_override, config_hash, parse_recipe, read_recipe_tree,
+                          recipe_to_dict)
 from smelt.fsutil import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,7 @@ def _substitute(node: Any, run_dir: str) -> Any:
 
 
 def _read_tree(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not UTF-8 text") from None
-    if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: the top level must be a mapping of sections")
-    return tree
+    return read_recipe_tree(path)
 
 
 def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -259,23 +250,9 @@ def _module_missing(name: str) -> str | None:
 
 
 def _shards(ctx: Ctx) -> dict[str, list[Path]]:
-    from smelt.data.curate import clean_shard_files
+    from smelt.tokenizer.train import input_files
 
-    inputs = ctx.recipe.tokenizer.inputs if ctx.recipe.tokenizer is not None else None
-    if not inputs:
-        try:
-            return clean_shard_files(ctx.run_dir / "data")
-        except FileNotFoundError as e:
-            raise RecipeError(str(e)) from None
-    out: dict[str, list[Path]] = {}
-    for inp in inputs:
-        p = Path(inp)
-        if not p.exists():
-            raise RecipeError(f"tokenizer.inputs: {p} does not exist")
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        for f in files:
-            out.setdefault(f.parent.name, []).append(f)
-    return out
+    return input_files(ctx.run_dir, ctx.recipe.tokenizer.inputs if ctx.recipe.tokenizer is not None else None)
 
 
 def _marker(ctx: Ctx, rel: str, key: str = "complete") -> bool:

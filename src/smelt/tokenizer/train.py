@@ -117,6 +117,29 @@ _WORDPIECE_MAX_WORD_CHARS = 10_000
 _CJK = r"\x{3400}-\x{4DBF}\x{4E00}-\x{9FFF}\x{F900}-\x{FAFF}\x{20000}-\x{2EBEF}\x{3040}-\x{30FF}"
 
 
+def input_files(run_dir: Path, inputs: list[str] | None) -> dict[str, list[Path]]:
+    """The training text of a run, as files per domain: ``inputs`` (files or directories; a
+    file's domain is its directory's name) or, when none are given, the curated shards in
+    ``<run_dir>/data/clean``. Missing inputs are a `RecipeError` naming the path."""
+    from smelt.config import RecipeError
+    from smelt.data.curate import clean_shard_files
+
+    if not inputs:
+        try:
+            return clean_shard_files(run_dir / "data")
+        except FileNotFoundError as e:
+            raise RecipeError(str(e)) from None
+    out: dict[str, list[Path]] = {}
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            raise RecipeError(f"tokenizer.inputs: {p} does not exist")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            out.setdefault(f.parent.name, []).append(f)
+    return out
+
+
 def pretokenize_pattern(split_digits: bool = True) -> str:
     """The pre-tokenization regex (Oniguruma and Rust `regex`/fancy-regex syntax).
 
