@@ -186,6 +186,18 @@ def test_task_size_and_parallel_mode(tmp_path: Path, corpus: dict[str, list[Path
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "cut")
 
 
+def test_schedule_starts_longest_tasks_first(tmp_path: Path) -> None:
+    sizes = {"a": 100, "b": 900, "c": 300, "d": 300}
+    for name, n in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * n)
+    tasks = [pack.PackTask("x", str(tmp_path / n)) for n in "abcd"]
+    # "b" cut in 3 slices: 300 bytes each, ties broken by plan order
+    tasks[1:2] = [pack.PackTask("x", str(tmp_path / "b"), a, b) for a, b in ((0, 5), (5, 10), (10, None))]
+    order = pack.schedule(tasks)
+    assert [tasks[i].path[-1] for i in order] == ["b", "b", "b", "c", "d", "a"] and order[:3] == [1, 2, 3]
+    assert pack.schedule([]) == []
+
+
 def test_resume_with_other_parallelism(tmp_path: Path, corpus: dict[str, list[Path]], tok_dir: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # Killed while running in threads (no worker files), resumed with processes: the workers
@@ -265,8 +277,11 @@ def test_resume_after_crash_redoes_lost_work(tmp_path: Path, corpus: dict[str, l
     out = tmp_path / "tokens"
     real = pack._tokenize_task
 
+    started: list[int] = []
+
     def crash_on_task_4(i: int, **kw: Any) -> dict[str, Any]:
-        if i == 4:
+        started.append(i)
+        if len(started) == 5:  # the 5th task started (tasks start longest first: `pack.schedule`)
             raise KeyboardInterrupt("killed")
         return real(i, **kw)
 
@@ -275,15 +290,19 @@ def test_resume_after_crash_redoes_lost_work(tmp_path: Path, corpus: dict[str, l
         pack_tokens(cfg, tok_dir, corpus, out, seed=1, workers=1)
     work = out / pack.WORK
     markers = sorted((work / "tokenize.done").glob("*.json"))
+    # completion markers are per start slot; the plan maps slots to tasks
     assert [p.stem for p in markers] == ["00000", "00001", "00002", "00003"]
+    order = json.loads((work / "plan.json").read_text())["schedule"]
+    assert order == pack.schedule(pack.plan_tasks(corpus, pack.auto_slice_bytes(0))) and order != sorted(order)
+    assert started == order[:5]
     assert not (out / "manifest.json").exists()
-    markers[0].unlink()  # lost marker: task 0 runs again
-    (work / "chunks" / "00002.bin").unlink()  # marker kept, chunk lost: detected, task 2 runs again
+    markers[0].unlink()  # lost marker: the first task runs again
+    (work / "chunks" / f"{order[2]:05d}.bin").unlink()  # marker kept, chunk lost: detected, runs again
     monkeypatch.setattr(pack, "_tokenize_task", real)
     calls: list[int] = []
     monkeypatch.setattr(pack, "_tokenize_task", lambda i, **kw: calls.append(i) or real(i, **kw))
     m = pack_tokens(cfg, tok_dir, corpus, out, seed=1, workers=1)
-    assert sorted(calls) == [0, 2, 4, 5]
+    assert len(order) == 6 and sorted(calls) == sorted(order[k] for k in (0, 2, 4, 5))
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert m["complete"] and not work.exists()
 

@@ -17,7 +17,7 @@ Phases
    (``ceil(file bytes / slice_bytes)`` slices, cut by record count). The plan depends only on
    the inputs, never on the worker count.
 2. tokenize (threads or process pool, `executor.local.run_tasks`, one completion marker per
-   task): each task writes ``_work/chunks/<task>.{bin,idx}`` (its documents, in input order)
+   start slot; tasks start longest first, `schedule`, saved in the plan): each task writes ``_work/chunks/<task>.{bin,idx}`` (its documents, in input order)
    and ``<task>.meta.npz`` (per document: validation key, UTF-8 bytes).
 3. split (parent): choose each domain's held-out documents (below).
 4. assemble (threads, pool or in process, markers again): each output shard is a run of consecutive
@@ -133,9 +133,12 @@ VERIFY_CHARS = 2048
 INLINE_ASSEMBLE_TOKENS = 64_000_000
 # Without ``pack.slice_mb``: cut the input into about this many tasks (so that a small corpus in
 # a few files still keeps every worker busy), each at least MIN_SLICE_BYTES on disk (per-task
-# costs: a chunk file pair, a completion marker and a 2 KB verification, ~5 ms).
+# costs: a chunk file pair, a completion marker and a 2 KB verification, ~5 ms). 256 KB of zstd
+# JSON lines is ~1 MB of text, ~40 ms of one core with the fast path: on the demo corpus (14
+# files, one of them, code, a third of the work) 1 MB slices left that file as one task, the
+# critical path of a 2-worker run; 256 KB slices cut it in three (bench/README.md, pack).
 AUTO_SLICES = 64
-MIN_SLICE_BYTES = 1 << 20
+MIN_SLICE_BYTES = 256 << 10
 MB = 1 << 20
 _VAL_KEY_PREFIX = b"smelt.pack.val\0"
 _U64 = (1 << 64) - 1
@@ -765,10 +768,45 @@ def _resumable(work: Path, key: str) -> bool:
     return plan.get("key") == key
 
 
+def schedule(tasks: Sequence[PackTask]) -> list[int]:
+    """Order in which to start the tasks: longest first (LPT), by on-disk bytes per task.
+
+    Tasks start in submission order; with the small tasks of a small corpus (or one big file
+    among small ones) a big task started last is the run's tail, one worker busy and the others
+    idle. Starting the biggest first bounds that tail by the smallest tasks (Graham's LPT rule,
+    makespan <= 4/3 of optimal). A sliced file's bytes are shared evenly by its slices. Depends
+    on the plan only (saved in it, so a resume maps completion markers the same way); the
+    output does not depend on it (chunks are named by task, not by start order)."""
+    share = Counter(t.path for t in tasks)
+    sizes: dict[str, int] = {}
+    for t in tasks:
+        if t.path not in sizes:
+            try:
+                sizes[t.path] = os.path.getsize(t.path)
+            except OSError:
+                sizes[t.path] = 0  # reported by the task that reads it
+    cost = [sizes[t.path] / share[t.path] for t in tasks]
+    return sorted(range(len(tasks)), key=lambda i: (-cost[i], i))
+
+
+def _run_slot(slot: int, *, fn: Callable[[int], dict[str, Any]], order: tuple[int, ...]) -> dict[str, Any]:
+    return fn(order[slot])
+
+
 def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_dir: Path, workers: int,
                  ok: Callable[[int, dict[str, Any]], bool], progress: ProgressFn | None,
-                 pool: Executor | None = None) -> list[dict[str, Any]]:
-    """run_tasks, then redo (once) any task whose marker exists but whose outputs do not."""
+                 pool: Executor | None = None, order: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """run_tasks, then redo (once) any task whose marker exists but whose outputs do not.
+
+    `order`: start task ``order[k]`` k-th (its completion marker is slot k's); results come
+    back indexed by task."""
+    if order is not None and list(order) != list(range(n)):
+        if sorted(order) != list(range(n)):
+            raise PackError(f"pack: {phase}: schedule is not a permutation of the {n} tasks")
+        slot_of = {t: k for k, t in enumerate(order)}
+        slot_results = _run_checked(phase, functools.partial(_run_slot, fn=fn, order=tuple(order)), n, done_dir,
+                                    workers, lambda k, r: ok(order[k], r), progress, pool)
+        return [slot_results[slot_of[i]] for i in range(n)]
     for attempt in range(2):
         done = 0
 
@@ -860,7 +898,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         plan = {"key": key, "tokenizer": str(tok_file.resolve()), "engine": "tiktoken" if fast is not None else "hf",
                 "engine_info": engine_info, "requested": cfg.engine, "eos_id": specials["eos"],
                 "bos_id": specials["bos"], "add_bos": cfg.add_bos, "dtype": dtype.name, "seed": seed,
-                "threads": threads, "tasks": [asdict(t) for t in tasks]}
+                "threads": threads, "tasks": [asdict(t) for t in tasks], "schedule": schedule(tasks)}
     if fast is not None and mode == "processes" and not (resumable and (work / "fast_bpe.npz").is_file()):
         from smelt.tokens.fast_bpe import save_spec  # what the worker processes build their encoder from
 
@@ -878,7 +916,10 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         ts = time.perf_counter()
         results = _run_checked(
             "tokenize", functools.partial(_tokenize_task, work=str(work), key=key, parent_pid=os.getpid()), len(tasks),
-            work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize), progress, pool)
+            work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize), progress, pool,
+            # Any worker count (markers are per slot; a resume may change it). A plan written
+            # before schedules existed ran, and marked, its tasks in plan order.
+            order=plan.get("schedule"))
         timings["tokenize"] = round(time.perf_counter() - ts, 3)
         timings["tokenize_tasks_sum"] = round(sum(r["seconds"] for r in results), 3)  # busy time of the workers
 
