@@ -7,10 +7,13 @@ weights (`to_hf_state_dict`), so the first losses agree, which the script prints
 
     hf                 LlamaForCausalLM, attn_implementation="sdpa" (its default), foreach AdamW
     smelt sdpa         smelt with SDPA everywhere (as HF), foreach AdamW: like for like
-    smelt              + explicit attention for short spans on CPU (llama.EXPLICIT_ATTENTION_MAX_KEYS)
+    smelt              + explicit attention for short spans on CPU (llama.EXPLICIT_ATTENTION_MAX_KEYS,
+                       and llama.EXPLICIT_ATTENTION_MAX_KEYS_COMPILED under torch.compile)
     smelt fused        + torch's fused AdamW (`fused=True`, smelt's train.optim.fused)
     smelt compiled sdpa  + torch.compile of forward + loss (inductor), SDPA attention
     smelt compiled     compiled with explicit attention: smelt's best configuration
+    smelt compiled per-block  each block compiled + the loss compiled apart: what the trainer
+                       does with train.compile (trainer.apply_compile + _compiled_token_losses)
     hf compiled        HF compiled the same way, foreach AdamW (only with --hf-compile)
     hf eager-attn      HF with attn_implementation="eager" (only with --hf-eager-attn)
 
@@ -53,6 +56,12 @@ from smelt.model.flops import flops_per_token, param_count
 from smelt.model import llama
 from smelt.model.llama import Transformer, hf_config, to_hf_state_dict
 
+# The explicit-attention cut-offs (eager, compiled), read once at import: steps switch the
+# module-level values per configuration, so reading them later would pick up whatever the
+# previous configuration set (an earlier version of this script did: every "explicit" row after
+# the first SDPA row silently ran SDPA).
+EXPLICIT_MAX_KEYS = (llama.EXPLICIT_ATTENTION_MAX_KEYS, llama.EXPLICIT_ATTENTION_MAX_KEYS_COMPILED)
+
 
 def measure_matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), reps: int = 8) -> float:
     """Best observed TFLOP/s over square (n x n) @ (n x n) matmuls, 2 n^3 FLOPs each.
@@ -78,6 +87,7 @@ class Variant:
     name: str
     impl: str  # smelt | hf
     compiled: bool = False
+    per_block: bool = False  # compile each block and the loss apart (the trainer's way), not one graph
     fused: bool = False  # torch's fused AdamW kernel instead of foreach
     explicit_attention: bool = True  # smelt: explicit attention for short spans on CPU
     hf_attn: str = "sdpa"  # hf: attn_implementation
@@ -90,6 +100,7 @@ VARIANTS = (
     Variant("smelt fused", "smelt", fused=True),
     Variant("smelt compiled sdpa", "smelt", compiled=True, fused=True, explicit_attention=False),
     Variant("smelt compiled", "smelt", compiled=True, fused=True),
+    Variant("smelt compiled per-block", "smelt", compiled=True, per_block=True, fused=True),
 )
 HF_COMPILED = Variant("hf compiled", "hf", compiled=True, explicit_attention=False)
 HF_EAGER_ATTN = Variant("hf eager-attn", "hf", explicit_attention=False, hf_attn="eager")
@@ -110,20 +121,33 @@ def make_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Te
               y: torch.Tensor, precision: str, vocab: int, v: Variant) -> Callable[[], float]:
     kernel = {"fused": True} if v.fused else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kernel)
-    # A module-level switch read at call time: set before every step, as configurations interleave.
-    max_keys = llama.EXPLICIT_ATTENTION_MAX_KEYS if v.explicit_attention else 0
+    # A module-level switch read at call time (and guarded on by torch.compile): set before every
+    # step, as configurations interleave.
+    max_keys = EXPLICIT_MAX_KEYS if v.explicit_attention else (0, 0)
+
+    def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().view(-1, vocab), y.view(-1))
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = forward(x)
-        return F.cross_entropy(logits.float().view(-1, vocab), y.view(-1))
+        return ce(logits, y)
 
-    # Compiled: forward and loss in one graph, so the fp32 upcast of the logits fuses into the
-    # log-softmax (measured 5-10% faster than compiling the model alone, same as per block).
-    loss_fn = torch.compile(loss_of) if v.compiled else loss_of
+    ce = cross_entropy
+    if v.per_block:  # the trainer's train.compile: blocks compiled in place, loss compiled apart
+        for block in model.layers:
+            block.compile()
+        ce = torch.compile(cross_entropy, dynamic=False)
+        loss_fn = loss_of
+    elif v.compiled:
+        # Forward and loss in one graph, so the fp32 upcast of the logits fuses into the
+        # log-softmax and the embedding, final norm and output layer are compiled too.
+        loss_fn = torch.compile(loss_of)
+    else:
+        loss_fn = loss_of
 
     def step() -> float:
-        llama.EXPLICIT_ATTENTION_MAX_KEYS = max_keys
+        llama.EXPLICIT_ATTENTION_MAX_KEYS, llama.EXPLICIT_ATTENTION_MAX_KEYS_COMPILED = max_keys
         loss = loss_fn(x, y)
         loss.backward()
         opt.step()

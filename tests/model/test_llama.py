@@ -417,6 +417,43 @@ def test_attention_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [n]
 
 
+def test_attention_path_choice_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile the longer compiled cut-off applies (inductor fuses the explicit
+    path; SDPA's kernel stays opaque), and the compiled explicit path gives SDPA's logits and
+    gradients. backend="aot_eager" traces forward and backward as inductor does, without its
+    C++ compile, so the test stays fast."""
+    n_eager, n_compiled = llama.EXPLICIT_ATTENTION_MAX_KEYS, llama.EXPLICIT_ATTENTION_MAX_KEYS_COMPILED
+    assert n_compiled > n_eager
+    calls: list[int] = []
+
+    def spy(q: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(q.size(2))  # runs while tracing: one call per layer and compilation
+        return explicit_attention(q, *args)
+
+    monkeypatch.setattr(llama, "explicit_attention", spy)
+    cfg = tiny(n_layers=1, max_seq_len=n_compiled + 8)
+    x = tokens(1, n_eager + 1)
+    eager = build(cfg)
+    ref = eager(x)  # eager: past the eager cut-off, SDPA
+    assert calls == []
+    ref.square().mean().backward()
+
+    torch._dynamo.reset()
+    compiled = build(cfg)
+    out = torch.compile(compiled, backend="aot_eager", dynamic=False)(x)
+    assert calls == [n_eager + 1]
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=2e-6, rtol=1e-4)
+
+    calls.clear()
+    torch._dynamo.reset()
+    torch.compile(build(cfg), backend="aot_eager", dynamic=False)(tokens(1, n_compiled + 1))
+    assert calls == []  # past the compiled cut-off: SDPA
+    torch._dynamo.reset()
+
+
 def test_kv_cache_overflow_is_an_error() -> None:
     cfg = tiny()
     cache = KVCache(cfg, batch_size=1, max_seq_len=4)

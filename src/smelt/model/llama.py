@@ -13,10 +13,10 @@ every wrapper. Parameter names follow Meta's and torchtitan's (wq, wk, wv, wo, w
 Attention is `F.scaled_dot_product_attention`: the `is_causal` fast path when nothing else
 constrains attention, otherwise a boolean (B, 1, T, S) mask built from segment ids (document
 masking), prefix lengths (prefix LM) and the KV cache offset. flex_attention would avoid the
-mask, but has no CPU backward in torch 2.x. On CPU with short key spans (<= 256 keys) attention
-is instead the explicit softmax(q k^T / sqrt(d) + bias) v (`explicit_attention`): there torch's
-CPU flash kernel, mostly its backward, is 1.1-4x slower than two batched GEMMs (measured, see
-`EXPLICIT_ATTENTION_MAX_KEYS`).
+mask, but has no CPU backward in torch 2.x. On CPU with short key spans (<= 256 keys, <= 512
+under torch.compile) attention is instead the explicit softmax(q k^T / sqrt(d) + bias) v
+(`explicit_attention`): there torch's CPU flash kernel, mostly its backward, is 1.1-4x slower than
+two batched GEMMs (measured, see `EXPLICIT_ATTENTION_MAX_KEYS`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,21 @@ def alibi_slopes(n_heads: int) -> Tensor:
 # up: flash wins by 2-7x, since it skips the masked half of the causal square and never
 # materializes the (T, S) scores. GPUs always take the SDPA path (flash / memory-efficient).
 EXPLICIT_ATTENTION_MAX_KEYS = 256
+# The same cut-off when the attention is traced by torch.compile: inductor fuses the bias, scale,
+# fp32 softmax and casts around the two GEMMs (forward and backward), which SDPA's opaque kernel
+# cannot get. Same machine, B*T = 2048, 8 heads of 32, bf16, forward + backward of the attention
+# alone, compiled: T = 256: flash 17 ms vs explicit 7; T = 512: 26 vs 12-22; T = 1024: 29 vs 51.
+# In the whole cpu-8m step at T = 256 (bench/train_step.py) explicit attention takes the compiled
+# step from 352 to 250 ms. 0 in either switch sends every span of that mode to SDPA.
+EXPLICIT_ATTENTION_MAX_KEYS_COMPILED = 512
+
+
+def use_explicit_attention(device: torch.device, n_keys: int) -> bool:
+    """Whether attention over `n_keys` keys takes `explicit_attention` rather than SDPA: on CPU
+    for spans up to the eager or compiled cut-off (torch.compile guards on the value read)."""
+    compiled = torch.compiler.is_compiling()
+    max_keys = EXPLICIT_ATTENTION_MAX_KEYS_COMPILED if compiled else EXPLICIT_ATTENTION_MAX_KEYS
+    return device.type == "cpu" and n_keys <= max_keys
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -223,7 +238,7 @@ class Attention(nn.Module):
         # No mask: causal when queries and keys are the same span; a decode step (T=1 after the
         # cache) sees every stored key. The model builds a mask for every other case.
         is_causal = mask is None and q.size(2) == k.size(2)
-        if q.device.type == "cpu" and k.size(2) <= EXPLICIT_ATTENTION_MAX_KEYS:
+        if use_explicit_attention(q.device, k.size(2)):
             y = explicit_attention(q, k, v, mask, is_causal)  # (B, n_heads, T, head_dim)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
