@@ -200,10 +200,11 @@ def test_schedule_starts_longest_tasks_first(tmp_path: Path) -> None:
 
 def test_resume_with_other_parallelism(tmp_path: Path, corpus: dict[str, list[Path]], tok_dir: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # Killed while running in threads (no worker files), resumed with processes: the workers
-    # need the encoder's tables, written on resume.
+    # Killed while running in threads on the file-backed path (no worker files), resumed with
+    # processes: the workers need the encoder's tables, written on resume.
     cfg = PackConfig(shard_tokens=1500, parallelism="threads")
     pack_tokens(cfg, tok_dir, corpus, tmp_path / "ref", seed=1, workers=1)
+    monkeypatch.setattr(pack, "IN_MEMORY_MODES", frozenset())  # threads, but with chunk files
     real = pack._tokenize_task
 
     def crash_on_task_3(i: int, **kw: Any) -> dict[str, Any]:
@@ -274,6 +275,8 @@ def test_resume_after_crash_redoes_lost_work(tmp_path: Path, corpus: dict[str, l
     cfg = PackConfig(shard_tokens=1500)
     ref_out = tmp_path / "ref"
     pack_tokens(cfg, tok_dir, corpus, ref_out, seed=1, workers=1)
+    # The file-backed path (process pools), run in this process so that the test can kill it.
+    monkeypatch.setattr(pack, "IN_MEMORY_MODES", frozenset())
     out = tmp_path / "tokens"
     real = pack._tokenize_task
 
@@ -305,6 +308,64 @@ def test_resume_after_crash_redoes_lost_work(tmp_path: Path, corpus: dict[str, l
     assert len(order) == 6 and sorted(calls) == sorted(order[k] for k in (0, 2, 4, 5))
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert m["complete"] and not work.exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_in_memory_run_writes_no_work_files_and_restarts_after_a_kill(
+        tmp_path: Path, corpus: dict[str, list[Path]], tok_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        workers: int) -> None:
+    # Inline (1 worker) and threads (2, small input): chunks stay in memory; only the final
+    # shards and the manifest are written. A kill leaves no manifest; the next run starts over.
+    cfg = PackConfig(shard_tokens=1500, parallelism="threads")
+    ref_out = tmp_path / "ref"
+    monkeypatch.setattr(pack, "IN_MEMORY_MODES", frozenset())
+    ref = pack_tokens(cfg, tok_dir, corpus, ref_out, seed=1, workers=workers)  # file-backed reference
+    monkeypatch.undo()
+    written: list[Path] = []
+    real_write, real_json = pack.write_shard, pack.atomic_write_json
+    monkeypatch.setattr(pack, "write_shard", lambda path, *a, **kw: written.append(Path(path)) or real_write(path, *a, **kw))
+    monkeypatch.setattr(pack, "atomic_write_json",
+                        lambda path, *a, **kw: written.append(Path(path)) or real_json(path, *a, **kw))
+    out = tmp_path / "tokens"
+    real = pack._encode_task
+    calls: list[int] = []
+
+    def killed_on_assembly(state: Any, i: int) -> Any:
+        calls.append(i)
+        return real(state, i)
+
+    def kill(*a: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pack, "_encode_task", killed_on_assembly)
+    real_asm = pack._assemble_shard
+    n_asm = 0
+
+    def assemble_then_die(*a: Any, **kw: Any) -> Any:
+        nonlocal n_asm
+        n_asm += 1
+        if n_asm == 3:  # some output shards written, no manifest
+            kill()
+        return real_asm(*a, **kw)
+
+    monkeypatch.setattr(pack, "_assemble_shard", assemble_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pack_tokens(cfg, tok_dir, corpus, out, seed=1, workers=workers)
+    assert sorted(calls) == list(range(ref["tasks"]))
+    assert not (out / "manifest.json").exists() and not (out / pack.WORK).exists()
+    assert any(out.rglob("*.bin"))  # the killed run's first shards
+    monkeypatch.setattr(pack, "_assemble_shard", real_asm)
+    calls.clear()
+    written.clear()
+    m = pack_tokens(cfg, tok_dir, corpus, out, seed=1, workers=workers)
+    assert sorted(calls) == list(range(m["tasks"]))  # redone from scratch
+    assert m["parallelism"] == ("inline" if workers == 1 else "threads") and m["complete"]
+    assert shard_bytes(out) == shard_bytes(ref_out) and m["domains"] == ref["domains"]
+    # nothing but the final shards and the manifest, and never anything under _work
+    assert all(pack._SHARD_RE.match(p.name + ".bin") and p.parent.parent == out for p in written[:-1])
+    assert written[-1] == out / "manifest.json" and not (out / pack.WORK).exists()
+    calls.clear()
+    assert pack_tokens(cfg, tok_dir, corpus, out, seed=1, workers=workers) == m and not calls  # no-op
 
 
 def test_uint32_when_vocabulary_exceeds_uint16(tmp_path: Path, corpus: dict[str, list[Path]], tok_dir: Path) -> None:

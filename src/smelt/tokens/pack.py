@@ -5,7 +5,7 @@ Output layout under ``out_dir`` (``runs/<name>/tokens/``)::
     <domain>/train-NNNNN.{bin,idx}   token shards (format: `smelt.tokens.shards`), ~pack.shard_tokens each
     <domain>/val-NNNNN.{bin,idx}     held-out documents of that domain
     manifest.json                    written last: its ``complete: true`` marks the stage done
-    _work/                           while running: plan, per-task chunks, completion markers
+    _work/                           while a process pool runs: plan, per-task chunks, completion markers
 
 Every document becomes ``[BOS] ids EOS`` (BOS only with ``pack.add_bos``), ids from
 ``tokenizer.encode(text, add_special_tokens=False)`` with ``encode_special_tokens=True``: a
@@ -17,10 +17,12 @@ Phases
    (``ceil(file bytes / slice_bytes)`` slices, cut by record count). The plan depends only on
    the inputs, never on the worker count.
 2. tokenize (threads or process pool, `executor.local.run_tasks`, one completion marker per
-   start slot; tasks start longest first, `schedule`, saved in the plan): each task writes ``_work/chunks/<task>.{bin,idx}`` (its documents, in input order)
-   and ``<task>.meta.npz`` (per document: validation key, UTF-8 bytes).
+   start slot; tasks start longest first, `schedule`, saved in the plan): each task produces
+   its documents' tokens, in input order, and per document the validation key and UTF-8 bytes.
+   Tasks run in this process (inline, threads) keep that in memory; pool workers write it to
+   ``_work/chunks/<task>.{bin,idx}`` + ``<task>.meta.npz``.
 3. split (parent): choose each domain's held-out documents (below).
-4. assemble (threads, pool or in process, markers again): each output shard is a run of consecutive
+4. assemble (threads or in process; a pool with markers again for big outputs): each output shard is a run of consecutive
    documents of one (domain, split) stream: a document goes to shard ``floor(s / shard_tokens)``
    where ``s`` is the stream offset of its first token (numbers compacted when a document
    longer than a shard leaves a gap). Shards therefore depend only on the documents, never on
@@ -54,6 +56,8 @@ every shard it lists present with the right size, makes `pack_tokens` a no-op. O
 resumes from ``_work`` when its plan has the same key (finished tasks are skipped; a task whose
 chunk is missing or truncated is redone), or starts over (stale outputs removed) when the key
 differs. Every file is written atomically, so a run killed at any point resumes to the same bytes.
+Runs whose tasks execute in this process (inline or threads, i.e. small inputs) write no
+``_work`` at all: a killed one restarts from scratch (see `pack_tokens`).
 
 Encoding engines (``pack.engine``)
 ----------------------------------
@@ -93,7 +97,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -131,6 +135,8 @@ VERIFY_CHARS = 2048
 # Below this many tokens, assembling in the parent beats using the process pool's workers
 # (each would first load the assembly plan and chunk files into a cold process).
 INLINE_ASSEMBLE_TOKENS = 64_000_000
+# Parallel modes whose tasks run in this process and keep their output in memory (`pack_tokens`).
+IN_MEMORY_MODES = frozenset({"inline", "threads"})
 # Without ``pack.slice_mb``: cut the input into about this many tasks (so that a small corpus in
 # a few files still keeps every worker busy), each at least MIN_SLICE_BYTES on disk (per-task
 # costs: a chunk file pair, a completion marker and a 2 KB verification, ~5 ms). 256 KB of zstd
@@ -450,10 +456,20 @@ def chunk_base(work: Path, i: int) -> Path:
     return work / "chunks" / f"{i:05d}"
 
 
-def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str, Any]:
-    """Tokenize task `i` into ``_work/chunks/<i>``; returns its counts (the completion marker)."""
+@dataclass
+class _Chunk:
+    """One task's output: its documents' framed tokens (input order, the output dtype) and
+    document ends, and per document the held-out key and UTF-8 byte count."""
+
+    tokens: np.ndarray
+    ends: np.ndarray
+    keys: np.ndarray
+    nbytes: np.ndarray
+
+
+def _encode_task(w: _WorkerState, i: int) -> tuple[dict[str, Any], _Chunk]:
+    """Tokenize task `i`; returns its counts (the completion marker's content) and its chunk."""
     t0 = time.perf_counter()
-    w = _worker_state(Path(work), key, parent_pid)
     task = w.tasks[i]
     engine = "tiktoken" if w.fast is not None else "hf"
     verify = w.fast is not None
@@ -511,14 +527,29 @@ def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str,
         ids.extend(batch_ids)
         flush()
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.uint32)
-    ends = np.cumsum(np.concatenate(lens)) if lens else np.zeros(0, dtype=np.int64)
-    base = chunk_base(Path(work), i)
-    n_tok, n_doc = write_shard(base, flat, ends=ends, dtype=w.dtype)
-    with atomic_open(base.with_suffix(".meta.npz"), "wb") as f:
-        np.savez(f, keys=np.array(keys, dtype=np.uint64), nbytes=np.array(nbytes, dtype=np.int64))
-    return {"domain": task.domain, "docs": n_doc, "tokens": n_tok, "bytes": int(sum(nbytes)),
+    if len(flat) and int(flat.max()) > np.iinfo(w.dtype).max:  # pragma: no cover - dtype_for_vocab's job
+        raise PackError(f"pack: token id {int(flat.max())} of {task.path} does not fit {w.dtype}")
+    chunk = _Chunk(tokens=flat.astype(w.dtype, copy=False),
+                   ends=np.cumsum(np.concatenate(lens)) if lens else np.zeros(0, dtype=np.int64),
+                   keys=np.array(keys, dtype=np.uint64), nbytes=np.array(nbytes, dtype=np.int64))
+    return {"domain": task.domain, "docs": len(chunk.ends), "tokens": len(chunk.tokens), "bytes": int(sum(nbytes)),
             "engine": engine, "fallback": {k: v for k, v in fallback.items() if v}, "verify_mismatch": mismatch,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(time.perf_counter() - t0, 3)}, chunk
+
+
+def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str, Any]:
+    """Tokenize task `i` into ``_work/chunks/<i>`` (the file-backed path: process pools)."""
+    t0 = time.perf_counter()
+    w = _worker_state(Path(work), key, parent_pid)
+    res, chunk = _encode_task(w, i)
+    base = chunk_base(Path(work), i)
+    write_shard(base, chunk.tokens, ends=chunk.ends, dtype=w.dtype)
+    with atomic_open(base.with_suffix(".meta.npz"), "wb") as f:
+        np.savez(f, keys=chunk.keys, nbytes=chunk.nbytes)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +571,42 @@ def _load_meta(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
         return z["keys"], z["nbytes"]
 
 
+class _FileChunks:
+    """The tasks' chunks as files under ``_work/chunks`` (process pools; resumable)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = Path(work)
+
+    def tokens_ends(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        sh = open_shard(chunk_base(self.work, i))
+        return sh.tokens, np.asarray(sh.ends, dtype=np.int64)
+
+    def ends(self, i: int) -> np.ndarray:
+        return np.asarray(open_shard(chunk_base(self.work, i)).ends, dtype=np.int64)
+
+    def meta(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return _load_meta(self.work, i)
+
+
+class _MemoryChunks:
+    """The tasks' chunks held in this process (inline and threads: see `pack_tokens`)."""
+
+    def __init__(self, chunks: Sequence[_Chunk]) -> None:
+        self.chunks = chunks
+
+    def tokens_ends(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.chunks[i].tokens, self.chunks[i].ends
+
+    def ends(self, i: int) -> np.ndarray:
+        return self.chunks[i].ends
+
+    def meta(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.chunks[i].keys, self.chunks[i].nbytes
+
+
+_Chunks = _FileChunks | _MemoryChunks
+
+
 def _orders(task: int, lo: int, hi: int) -> np.ndarray:
     return (np.uint64(task) << np.uint64(32)) | np.arange(lo, hi, dtype=np.uint64)
 
@@ -551,7 +618,7 @@ def _is_val(keys: np.ndarray, orders: np.ndarray, threshold: list[int] | None) -
     return (keys < h) | ((keys == h) & (orders <= o))
 
 
-def val_thresholds(cfg: PackConfig, work: Path, tasks: list[PackTask], results: list[dict[str, Any]]
+def val_thresholds(cfg: PackConfig, chunks: _Chunks, tasks: list[PackTask], results: list[dict[str, Any]]
                    ) -> dict[str, dict[str, Any]]:
     """Per domain: documents, held-out count k and the (key, order) of the k-th smallest."""
     out: dict[str, dict[str, Any]] = {}
@@ -565,7 +632,7 @@ def val_thresholds(cfg: PackConfig, work: Path, tasks: list[PackTask], results: 
         if k:
             cand_k, cand_o = [], []
             for i in idx:
-                keys, _ = _load_meta(work, i)
+                keys, _ = chunks.meta(i)
                 if not len(keys):
                     continue
                 if len(keys) > k:  # everything <= the task's k-th smallest key (ties included)
@@ -581,7 +648,7 @@ def val_thresholds(cfg: PackConfig, work: Path, tasks: list[PackTask], results: 
     return out
 
 
-def plan_assembly(cfg: PackConfig, work: Path, tasks: list[PackTask], split_info: dict[str, dict[str, Any]]
+def plan_assembly(cfg: PackConfig, chunks: _Chunks, tasks: list[PackTask], split_info: dict[str, dict[str, Any]]
                   ) -> list[dict[str, Any]]:
     """Output shards in order: {domain, split, name, pieces [(task, lo, hi)], tokens, docs, bytes}."""
     shards: list[dict[str, Any]] = []
@@ -593,11 +660,11 @@ def plan_assembly(cfg: PackConfig, work: Path, tasks: list[PackTask], split_info
         acc: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SPLITS}
         offset = dict.fromkeys(SPLITS, 0)
         for i in by_domain[domain]:
-            ends = np.asarray(open_shard(chunk_base(work, i)).ends, dtype=np.int64)
+            ends = chunks.ends(i)
             if not len(ends):
                 continue
             doc_lens = np.diff(ends, prepend=0)
-            keys, nbytes = _load_meta(work, i)
+            keys, nbytes = chunks.meta(i)
             val = _is_val(keys, _orders(i, 0, len(keys)), th)
             for split, sel in (("train", ~val), ("val", val)):
                 pos = np.nonzero(sel)[0]
@@ -636,30 +703,35 @@ def _assembly_plan(work: Path, key: str) -> dict[str, Any]:
 
 
 def _assemble_task(j: int, *, work: str, out_dir: str, key: str) -> dict[str, Any]:
-    """Write output shard `j` of ``_work/assemble.json`` from the task chunks."""
+    """Write output shard `j` of ``_work/assemble.json`` from the task chunk files."""
     plan = _assembly_plan(Path(work), key)
     spec = plan["shards"][j]
-    th = plan["thresholds"][spec["domain"]]
+    return _assemble_shard(spec, plan["thresholds"][spec["domain"]], _FileChunks(Path(work)), Path(out_dir),
+                           np.dtype(plan["dtype"]))
+
+
+def _assemble_shard(spec: dict[str, Any], th: list[int] | None, chunks: _Chunks, out_dir: Path, dtype: np.dtype
+                    ) -> dict[str, Any]:
+    """Write one output shard (`plan_assembly`'s `spec`) from the tasks' chunks."""
     want_val = spec["split"] == "val"
     parts: list[np.ndarray] = []
     lens: list[np.ndarray] = []
     for task, lo, hi in spec["pieces"]:
-        sh = open_shard(chunk_base(Path(work), task))
-        keys, _ = _load_meta(Path(work), task)
+        tokens, all_ends = chunks.tokens_ends(task)
+        keys, _ = chunks.meta(task)
         keep = _is_val(keys[lo:hi], _orders(task, lo, hi), th) == want_val
-        ends = np.asarray(sh.ends[lo:hi], dtype=np.int64)
-        first = int(sh.ends[lo - 1]) if lo else 0
+        ends = all_ends[lo:hi]
+        first = int(all_ends[lo - 1]) if lo else 0
         doc_lens = np.diff(ends, prepend=first)
-        toks = sh.tokens[first: int(ends[-1])]
-        parts.append(np.array(toks) if keep.all() else toks[np.repeat(keep, doc_lens)])
+        toks = tokens[first: int(ends[-1])]
+        parts.append(toks if keep.all() else toks[np.repeat(keep, doc_lens)])
         lens.append(doc_lens[keep])
     flat = np.concatenate(parts)
     doc_lens = np.concatenate(lens)
     if len(flat) != spec["tokens"] or len(doc_lens) != spec["docs"]:
         raise PackError(f"pack: shard {spec['domain']}/{spec['name']}: assembled {len(flat)} tokens / "
                         f"{len(doc_lens)} docs, planned {spec['tokens']} / {spec['docs']}")
-    n_tok, n_doc = write_shard(Path(out_dir) / spec["domain"] / spec["name"], flat, ends=np.cumsum(doc_lens),
-                               dtype=np.dtype(plan["dtype"]))
+    n_tok, n_doc = write_shard(out_dir / spec["domain"] / spec["name"], flat, ends=np.cumsum(doc_lens), dtype=dtype)
     return {"tokens": n_tok, "docs": n_doc}
 
 
@@ -789,6 +861,29 @@ def schedule(tasks: Sequence[PackTask]) -> list[int]:
     return sorted(range(len(tasks)), key=lambda i: (-cost[i], i))
 
 
+def _run_in_memory(state: _WorkerState, order: Sequence[int], pool: Executor | None, progress: ProgressFn | None
+                   ) -> tuple[list[dict[str, Any]], list[_Chunk]]:
+    """Run every task in this process (inline, or on `pool`'s threads), started in `order`;
+    returns (counts, chunks) indexed by task. The first failure propagates (the caller shuts
+    the pool down, cancelling the tasks not started)."""
+    n = len(state.tasks)
+    if sorted(order) != list(range(n)):
+        raise PackError(f"pack: tokenize: schedule is not a permutation of the {n} tasks")
+    out: list[tuple[dict[str, Any], _Chunk] | None] = [None] * n
+    if pool is None:
+        for done, i in enumerate(order, 1):
+            out[i] = _encode_task(state, i)
+            if progress:
+                progress("tokenize", done, n)
+    else:
+        futures = {pool.submit(_encode_task, state, i): i for i in order}
+        for done, f in enumerate(as_completed(futures), 1):
+            out[futures[f]] = f.result()
+            if progress:
+                progress("tokenize", done, n)
+    return [r for r, _ in out], [c for _, c in out]  # type: ignore[misc]
+
+
 def _run_slot(slot: int, *, fn: Callable[[int], dict[str, Any]], order: tuple[int, ...]) -> dict[str, Any]:
     return fn(order[slot])
 
@@ -874,13 +969,22 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     (out_dir / "manifest.json").unlink(missing_ok=True)
     work = out_dir / WORK
     plan_file = work / "plan.json"
-    resumable = not force and _resumable(work, key)
+    n_workers = default_workers(workers if workers is not None else cfg.workers)
+    mode = parallel_mode(cfg, n_workers, input_bytes)
+    # Tasks that run in this process (inline, threads: inputs below pack.threads_below_mb) keep
+    # their chunks in memory and assembly reads them from there: no chunk files, no .meta.npz,
+    # no completion markers, no plan on disk. Resuming a stage that takes about a second (10 MB
+    # of text) buys nothing, while those ~130 small atomic files cost ~10% of it
+    # (bench/README.md, pack). Safety does not depend on them: the manifest, written last and
+    # atomically, still makes a re-run a no-op, and a run killed before it leaves no manifest,
+    # so the next run redoes the stage from scratch (stale shards of the killed run removed).
+    # Process pools (big inputs) keep the resumable file-backed path below.
+    in_memory = mode in IN_MEMORY_MODES
+    resumable = not force and not in_memory and _resumable(work, key)
     if not resumable:
         _clear_outputs(out_dir)
     _remove_stale_temp_files(out_dir)
 
-    n_workers = default_workers(workers if workers is not None else cfg.workers)
-    mode = parallel_mode(cfg, n_workers, input_bytes)
     threads = max(1, default_workers(0) // n_workers)  # HF's own threads per worker process
     if resumable:
         # Same key -> same tokenizer, config and inputs: the plan on disk is this run's plan.
@@ -894,57 +998,76 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         log.info("pack: resuming %s", work)
     else:
         fast, engine_info = _choose_engine(cfg, tok, tok_file, tok_sha)
-        work.mkdir(parents=True, exist_ok=True)
         plan = {"key": key, "tokenizer": str(tok_file.resolve()), "engine": "tiktoken" if fast is not None else "hf",
                 "engine_info": engine_info, "requested": cfg.engine, "eos_id": specials["eos"],
                 "bos_id": specials["bos"], "add_bos": cfg.add_bos, "dtype": dtype.name, "seed": seed,
                 "threads": threads, "tasks": [asdict(t) for t in tasks], "schedule": schedule(tasks)}
-    if fast is not None and mode == "processes" and not (resumable and (work / "fast_bpe.npz").is_file()):
-        from smelt.tokens.fast_bpe import save_spec  # what the worker processes build their encoder from
+    if not in_memory:
+        work.mkdir(parents=True, exist_ok=True)
+        if fast is not None and mode == "processes" and not (resumable and (work / "fast_bpe.npz").is_file()):
+            from smelt.tokens.fast_bpe import save_spec  # what the worker processes build their encoder from
 
-        save_spec(fast.spec, work / "fast_bpe.npz", key)
-    if not resumable:
-        atomic_write_json(plan_file, plan, indent=None)  # after fast_bpe.npz: a plan on disk is complete
+            save_spec(fast.spec, work / "fast_bpe.npz", key)
+        if not resumable:
+            atomic_write_json(plan_file, plan, indent=None)  # after fast_bpe.npz: a plan on disk is complete
     # Tasks that run in this process (inline or threads) use what is already loaded here.
+    state = _WorkerState(key=key, tasks=tasks, tok=tok, fast=fast, requested=cfg.engine, eos=specials["eos"],
+                         bos=specials["bos"] if cfg.add_bos else None, dtype=dtype, seed=seed)
     _STATE.clear()
-    _STATE[str(work)] = _WorkerState(
-        key=key, tasks=tasks, tok=tok, fast=fast, requested=cfg.engine, eos=specials["eos"],
-        bos=specials["bos"] if cfg.add_bos else None, dtype=dtype, seed=seed)
+    _STATE[str(work)] = state
     timings: dict[str, float] = {"setup": round(time.perf_counter() - t_start, 3)}
     pool = _make_executor(mode, n_workers)
     try:
         ts = time.perf_counter()
-        results = _run_checked(
-            "tokenize", functools.partial(_tokenize_task, work=str(work), key=key, parent_pid=os.getpid()), len(tasks),
-            work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize), progress, pool,
-            # Any worker count (markers are per slot; a resume may change it). A plan written
-            # before schedules existed ran, and marked, its tasks in plan order.
-            order=plan.get("schedule"))
+        if in_memory:
+            results, chunk_list = _run_in_memory(state, plan["schedule"], pool, progress)
+            chunks: _Chunks = _MemoryChunks(chunk_list)
+        else:
+            results = _run_checked(
+                "tokenize", functools.partial(_tokenize_task, work=str(work), key=key, parent_pid=os.getpid()),
+                len(tasks), work / "tokenize.done", n_workers, lambda i, r: _chunk_ok(work, i, r, dtype.itemsize),
+                progress, pool,
+                # Any worker count (markers are per slot; a resume may change it). A plan written
+                # before schedules existed ran, and marked, its tasks in plan order.
+                order=plan.get("schedule"))
+            chunks = _FileChunks(work)
         timings["tokenize"] = round(time.perf_counter() - ts, 3)
         timings["tokenize_tasks_sum"] = round(sum(r["seconds"] for r in results), 3)  # busy time of the workers
 
         ts = time.perf_counter()
-        split_info = val_thresholds(cfg, work, tasks, results)
-        shards = plan_assembly(cfg, work, tasks, split_info)
-        atomic_write_json(work / "assemble.json", {
-            "key": key, "dtype": dtype.name, "shards": shards,
-            "thresholds": {d: s["threshold"] for d, s in split_info.items()}}, indent=None)
-        # Threads cost nothing to start; a process pool pays off only for big outputs.
-        total_tokens = sum(r["tokens"] for r in results)
-        asm_pool = pool if mode == "threads" or total_tokens >= INLINE_ASSEMBLE_TOKENS else None
-        width = dtype.itemsize
+        split_info = val_thresholds(cfg, chunks, tasks, results)
+        shards = plan_assembly(cfg, chunks, tasks, split_info)
+        thresholds = {d: s["threshold"] for d, s in split_info.items()}
+        if in_memory:
+            def assemble(j: int) -> dict[str, Any]:
+                return _assemble_shard(shards[j], thresholds[shards[j]["domain"]], chunks, out_dir, dtype)
 
-        def shard_ok(j: int, r: dict[str, Any]) -> bool:
-            base = out_dir / shards[j]["domain"] / shards[j]["name"]
-            try:
-                return (r["tokens"] == shards[j]["tokens"]
-                        and base.with_suffix(".bin").stat().st_size == HEADER_BYTES + r["tokens"] * width
-                        and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * r["docs"])
-            except OSError:
-                return False
+            # In input order, so that the output shards appear in order (as in the file path).
+            for j, _ in enumerate(pool.map(assemble, range(len(shards))) if pool is not None
+                                  else map(assemble, range(len(shards)))):
+                if progress:
+                    progress("assemble", j + 1, len(shards))
+            del chunk_list, chunks  # the tokens: no longer needed
+        else:
+            atomic_write_json(work / "assemble.json", {"key": key, "dtype": dtype.name, "shards": shards,
+                                                       "thresholds": thresholds}, indent=None)
+            # A process pool pays off only for big outputs.
+            total_tokens = sum(r["tokens"] for r in results)
+            asm_pool = pool if total_tokens >= INLINE_ASSEMBLE_TOKENS else None
+            width = dtype.itemsize
 
-        _run_checked("assemble", functools.partial(_assemble_task, work=str(work), out_dir=str(out_dir), key=key),
-                     len(shards), work / "assemble.done", n_workers if asm_pool else 1, shard_ok, progress, asm_pool)
+            def shard_ok(j: int, r: dict[str, Any]) -> bool:
+                base = out_dir / shards[j]["domain"] / shards[j]["name"]
+                try:
+                    return (r["tokens"] == shards[j]["tokens"]
+                            and base.with_suffix(".bin").stat().st_size == HEADER_BYTES + r["tokens"] * width
+                            and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * r["docs"])
+                except OSError:
+                    return False
+
+            _run_checked("assemble", functools.partial(_assemble_task, work=str(work), out_dir=str(out_dir), key=key),
+                         len(shards), work / "assemble.done", n_workers if asm_pool else 1, shard_ok, progress,
+                         asm_pool)
         timings["assemble"] = round(time.perf_counter() - ts, 3)
     finally:
         if pool is not None:
