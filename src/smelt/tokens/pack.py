@@ -64,9 +64,10 @@ Encoding engines (``pack.engine``)
 ``hf``: HF ``encode_batch_fast``. ``tiktoken``: `smelt.tokens.fast_bpe.FastBPE` (same ids,
 ~3.5x HF's speed per core on the bench corpus; errors if the tokenizer cannot be reproduced).
 ``auto``: tiktoken when `fast_bpe.analyze` accepts the tokenizer, else HF. With the fast path
-each task first encodes its first documents with both engines (``VERIFY_CHARS``); a difference
-fails the task under ``tiktoken`` and switches the task to HF (with a warning, recorded in the
-manifest) under ``auto``. Documents the fast path cannot vouch for go to HF (see fast_bpe).
+each run first encodes the first ``VERIFY_CHARS`` characters of every domain with both engines
+(`verify_fast_path`); a difference fails the run under ``tiktoken`` and switches the whole run
+to HF (with a warning, recorded in the manifest) under ``auto``. Documents the fast path cannot
+vouch for go to HF (see fast_bpe), one by one.
 The fast path's analysis of the tokenizer (~0.3 s for 32k tokens) is cached beside
 tokenizer.json (`fast_bpe.cached_analyze`, keyed by its sha256 and the library versions).
 
@@ -129,8 +130,8 @@ SLICE_BYTES = 32 << 20
 # while bounding memory.
 BATCH_CHARS = 1 << 20
 BATCH_DOCS = 4096
-# Characters of each task's first documents encoded by both engines when the fast path is on:
-# HF is ~4x slower per core, so this costs ~4 x 2 KB / task size (~1% for a 1 MB task).
+# Characters of each domain's first documents encoded by both engines when the fast path is on
+# (`verify_fast_path`): ~1.5 ms per domain.
 VERIFY_CHARS = 2048
 # Below this many tokens, assembling in the parent beats using the process pool's workers
 # (each would first load the assembly plan and chunk files into a cold process).
@@ -358,7 +359,7 @@ def _read_error(task: PackTask, n: int, e: BaseException) -> PackError:
     return PackError(f"pack: cannot read input shard {task.path} (after {n} records): {type(e).__name__}: {e}")
 
 
-def _read_batches(task: PackTask) -> Iterator[tuple[list[str], list[str]]]:
+def _read_batches(task: PackTask, batch_chars: int = BATCH_CHARS) -> Iterator[tuple[list[str], list[str]]]:
     """(ids, texts) of the task's records, in order, in batches of about `BATCH_CHARS` bytes.
 
     JSON lines (plain or zstd): the lines of a batch are parsed with one ``json.loads`` of
@@ -370,7 +371,7 @@ def _read_batches(task: PackTask) -> Iterator[tuple[list[str], list[str]]]:
     from smelt.data.io import _CORRUPT_ERRORS, _open_input  # the same decompression (truncation-checked)
 
     if not task.path.endswith((".jsonl", ".jsonl.zst", ".jsonl.zstd")):
-        yield from _read_batches_generic(task)
+        yield from _read_batches_generic(task, batch_chars)
         return
     n = 0  # lines consumed so far (= records: one per line)
     try:
@@ -383,7 +384,7 @@ def _read_batches(task: PackTask) -> Iterator[tuple[list[str], list[str]]]:
                         break
                     lines.append(line)
                     size += len(line)
-                    if size >= BATCH_CHARS or len(lines) >= BATCH_DOCS:
+                    if size >= batch_chars or len(lines) >= BATCH_DOCS:
                         yield _parse_lines(task, n + 1 - len(lines), lines)
                         lines, size = [], 0
                 n += 1
@@ -417,7 +418,7 @@ def _parse_lines(task: PackTask, first: int, lines: list[bytes]) -> tuple[list[s
     raise AssertionError("unreachable: every line parses alone")  # pragma: no cover
 
 
-def _read_batches_generic(task: PackTask) -> Iterator[tuple[list[str], list[str]]]:
+def _read_batches_generic(task: PackTask, batch_chars: int = BATCH_CHARS) -> Iterator[tuple[list[str], list[str]]]:
     from smelt.data.io import read_shard
 
     it = iter(read_shard(task.path))
@@ -436,7 +437,7 @@ def _read_batches_generic(task: PackTask) -> Iterator[tuple[list[str], list[str]
             ids.append(doc.id)
             texts.append(doc.text)
             size += len(doc.text)
-            if size >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+            if size >= batch_chars or len(texts) >= BATCH_DOCS:
                 yield ids, texts
                 ids, texts, size = [], [], 0
         n += 1
@@ -472,8 +473,6 @@ def _encode_task(w: _WorkerState, i: int) -> tuple[dict[str, Any], _Chunk]:
     t0 = time.perf_counter()
     task = w.tasks[i]
     engine = "tiktoken" if w.fast is not None else "hf"
-    verify = w.fast is not None
-    mismatch: str | None = None
     fallback: Counter[str] = Counter()  # this task's own (tasks may run in threads side by side)
     keys: list[int] = []
     nbytes: list[int] = []
@@ -499,24 +498,6 @@ def _encode_task(w: _WorkerState, i: int) -> tuple[dict[str, Any], _Chunk]:
         ids.clear()
 
     def encode() -> tuple[np.ndarray, np.ndarray]:
-        nonlocal engine, verify, mismatch
-        if verify:
-            verify = False
-            sample, budget = [], VERIFY_CHARS
-            for text in batch:
-                if budget <= 0:
-                    break
-                sample.append(text[:budget])
-                budget -= len(sample[-1])
-            bad = w.fast.mismatches(sample)
-            if bad:
-                mismatch = ids[bad[0]]
-                msg = (f"pack: tiktoken and HF ids differ on document {mismatch!r} of {task.path} "
-                       f"(first {VERIFY_CHARS} characters of the task)")
-                if w.requested == "tiktoken":
-                    raise PackError(msg + "; use pack.engine=hf or auto")
-                log.warning("%s; this task falls back to HF", msg)
-                engine = "hf"
         return w.fast.encode_flat(batch, fallback) if engine == "tiktoken" else _hf_encode_flat(w.tok, batch)
 
     seed = w.seed
@@ -533,7 +514,7 @@ def _encode_task(w: _WorkerState, i: int) -> tuple[dict[str, Any], _Chunk]:
                    ends=np.cumsum(np.concatenate(lens)) if lens else np.zeros(0, dtype=np.int64),
                    keys=np.array(keys, dtype=np.uint64), nbytes=np.array(nbytes, dtype=np.int64))
     return {"domain": task.domain, "docs": len(chunk.ends), "tokens": len(chunk.tokens), "bytes": int(sum(nbytes)),
-            "engine": engine, "fallback": {k: v for k, v in fallback.items() if v}, "verify_mismatch": mismatch,
+            "engine": engine, "fallback": {k: v for k, v in fallback.items() if v},
             "seconds": round(time.perf_counter() - t0, 3)}, chunk
 
 
@@ -785,6 +766,54 @@ def _remove_stale_temp_files(out_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
+def verify_fast_path(fast: Any, tasks: Sequence[PackTask], requested: str) -> str | None:
+    """Encode the first `VERIFY_CHARS` characters of every domain (its first task's first
+    documents) with both engines; return the first document id where they differ, or None.
+
+    Once per run, not per task or per document: the fast path's equality with HF is proven for
+    the tokenizer it accepts (`smelt.tokens.fast_bpe`'s docstring, checked exhaustively by
+    tests/tokens/test_fast_bpe.py), and documents it cannot vouch for go to HF one by one. This
+    is a tripwire for a broken environment (a tiktoken or tokenizers build whose regex or merge
+    loop behaves otherwise, a damaged analysis cache), which every task of the run shares; one
+    sample per domain still exercises each script (Chinese, code, ...) the run encodes.
+    Under ``pack.engine=tiktoken`` a difference raises `PackError`.
+    """
+    ids: list[str] = []
+    texts: list[str] = []
+    where: list[str] = []
+    seen: set[str] = set()
+    for task in tasks:
+        if task.domain in seen:
+            continue
+        seen.add(task.domain)
+        budget = VERIFY_CHARS
+        batches = _read_batches(task, batch_chars=VERIFY_CHARS)  # reads only the first few records
+        try:
+            for batch_ids, batch_texts in batches:
+                for d, text in zip(batch_ids, batch_texts, strict=True):
+                    if budget <= 0:
+                        break
+                    if not _encodes(text):  # the task names it (`_encode_task`)
+                        continue
+                    ids.append(d)
+                    texts.append(text[:budget])
+                    where.append(task.path)
+                    budget -= len(texts[-1])
+                if budget <= 0:
+                    break
+        finally:
+            batches.close()
+    bad = fast.mismatches(texts) if texts else []
+    if not bad:
+        return None
+    msg = (f"pack: tiktoken and HF ids differ on document {ids[bad[0]]!r} of {where[bad[0]]} "
+           f"(first {VERIFY_CHARS} characters of each domain)")
+    if requested == "tiktoken":
+        raise PackError(msg + "; use pack.engine=hf or auto")
+    log.warning("%s; this run encodes with HF", msg)
+    return ids[bad[0]]
+
+
 def _choose_engine(cfg: PackConfig, tok: Any, tok_file: Path, tok_sha: str) -> tuple[Any, dict[str, Any]]:
     """(FastBPE, or None for HF; what the manifest records about the choice).
 
@@ -989,15 +1018,26 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     if resumable:
         # Same key -> same tokenizer, config and inputs: the plan on disk is this run's plan.
         plan = read_json(plan_file)
-        plan["threads"] = threads
-        atomic_write_json(plan_file, plan, indent=None)
         engine_info = plan["engine_info"]
         fast = _choose_engine(cfg, tok, tok_file, tok_sha)[0] if plan["engine"] == "tiktoken" else None
         if plan["engine"] == "tiktoken" and fast is None:  # pragma: no cover - same key, same answer
             raise PackError(f"pack: {work} was planned with tiktoken, which now refuses the tokenizer")
-        log.info("pack: resuming %s", work)
     else:
         fast, engine_info = _choose_engine(cfg, tok, tok_file, tok_sha)
+    # Every run, resumed ones too: the environment may have changed since the plan was made.
+    mismatch = verify_fast_path(fast, tasks, cfg.engine) if fast is not None else None
+    if mismatch is not None:  # pack.engine=auto (tiktoken raised): the whole run with HF
+        fast = None
+        engine_info = {**engine_info, "reason": f"fast path verification failed on document {mismatch!r}"}
+        if resumable:  # its chunks came from the fast path
+            log.warning("pack: discarding %s (encoded with the fast path)", work)
+            _clear_outputs(out_dir)
+            resumable = False
+    if resumable:
+        plan["threads"] = threads
+        atomic_write_json(plan_file, plan, indent=None)
+        log.info("pack: resuming %s", work)
+    else:
         plan = {"key": key, "tokenizer": str(tok_file.resolve()), "engine": "tiktoken" if fast is not None else "hf",
                 "engine_info": engine_info, "requested": cfg.engine, "eos_id": specials["eos"],
                 "bos_id": specials["bos"], "add_bos": cfg.add_bos, "dtype": dtype.name, "seed": seed,
@@ -1111,7 +1151,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         "totals": totals,
         "val_split": {d: {"docs": s["docs"], "val_docs": s["val_docs"]} for d, s in split_info.items()},
         "engine": {"requested": cfg.engine, "tasks": dict(used), "fallback_docs": dict(fallback),
-                   "verify_mismatches": [r["verify_mismatch"] for r in results if r["verify_mismatch"]],
+                   "verify_mismatches": [mismatch] if mismatch is not None else [],
                    **engine_info},
         "seed": seed,
         "config": recipe_to_dict(cfg),
