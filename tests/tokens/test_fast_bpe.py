@@ -328,6 +328,40 @@ def test_joined_calls_equal_one_call_per_document(smelt_tokenizer: Tokenizer, mo
     assert fast.fallback_counts["uncovered_text"] == 0  # spelled separators were caught before the join
 
 
+@pytest.mark.parametrize("join_chars", [50, 1 << 22])
+def test_joined_fallback_checks_equal_per_document_checks(smelt_tokenizer: Tokenizer,
+                                                          monkeypatch: pytest.MonkeyPatch, join_chars: int) -> None:
+    # encode_flat scans each joined call's text for fallback patterns and confirms the hits per
+    # document; the documents sent to HF must be exactly those `fallback_reason` names.
+    from smelt.tokens import fast_bpe
+
+    fast = FastBPE.from_tokenizer(smelt_tokenizer)
+    special = sorted(fast.spec.fallback_strings, key=len)[-1]  # e.g. "<|eos|>" (ignore_merges)
+    half = len(special) // 2
+    texts = [f"a {special} b", special, special[:half], special[half:], "x" + special[:half],  # halves at edges
+             "Greek gap \u0378 here", "astral gap \U0001fb00", "assigned \U0001f600 only", "\U0001f600",
+             f"{fast_bpe._SEP_CORE} and {special}", "", *mixed_docs(40, seed=5), "中文 \u0378", "end"]
+    want = [i for i, t in enumerate(texts) if fast.fallback_reason(t) is not None]
+    assert len(want) >= 5
+
+    def sent_to_hf(fast: FastBPE) -> tuple[list[str], list[list[int]]]:
+        sent: list[str] = []
+        real = fast._hf_ids
+        monkeypatch.setattr(fast, "_hf_ids", lambda ts: sent.extend(ts) or real(ts))
+        ids = fast.encode_batch(texts)
+        monkeypatch.undo()
+        return sent, ids
+
+    monkeypatch.setattr(fast_bpe, "JOIN_CHARS", join_chars)
+    sent, ids = sent_to_hf(fast)
+    monkeypatch.setattr(fast_bpe, "JOIN_CHARS", join_chars)
+    assert sent == [texts[i] for i in want] and ids == hf_ids(smelt_tokenizer, texts)
+    per_doc = FastBPE(fast.spec, smelt_tokenizer)
+    per_doc._joined_checks = False  # what a fallback string holding NUL forces
+    sent2, ids2 = sent_to_hf(per_doc)
+    assert sent2 == sent and ids2 == ids and per_doc.fallback_counts == fast.fallback_counts
+
+
 def test_fallback_counts_per_call_and_threads(smelt_tokenizer: Tokenizer) -> None:
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor

@@ -445,6 +445,21 @@ def cached_analyze(tokenizer: Tokenizer, tokenizer_file: Path, tokenizer_sha256:
     return spec, False
 
 
+def _groups(n_chars: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive ``[a, b)`` runs of documents, each closed by the first document that brings it
+    to `limit` characters (the last run may be shorter)."""
+    n = len(n_chars)
+    cs = np.cumsum(n_chars)
+    out: list[tuple[int, int]] = []
+    a = 0
+    while a < n:
+        base = int(cs[a - 1]) if a else 0
+        b = min(n, int(np.searchsorted(cs, base + limit, side="left")) + 1)
+        out.append((a, b))
+        a = b
+    return out
+
+
 class FastBPE:
     """tiktoken-driven encoder with HF's ids; documents it cannot vouch for go to HF.
 
@@ -494,6 +509,10 @@ class FastBPE:
         for a, b in spec.unassigned:
             self._unassigned[a: b + 1] = True
         self.fallback_counts: Counter[str] = Counter()
+        # `encode_flat` runs the fallback checks once over each joined call's text instead of
+        # once per document; a match cannot cross a separator when no fallback string holds
+        # NUL (the separator's first and last character). Otherwise: per document.
+        self._joined_checks = not any("\x00" in f for f in spec.fallback_strings)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> FastBPE:
@@ -512,6 +531,20 @@ class FastBPE:
                 if self._unassigned[cps].any():
                     return "unassigned_codepoint"
         return None
+
+    def _suspects(self, text: str, doc_chars: np.ndarray) -> list[int]:
+        """Documents of a joined call (`text`, documents of `doc_chars` characters joined by the
+        separator) in which a fallback pattern matches, in order."""
+        hits: list[int] = []
+        if self._strings_rx is not None:
+            hits += [m.start() for m in self._strings_rx.finditer(text)]
+        if not text.isascii():
+            hits += [m.start() for m in self._unassigned_rx.finditer(text)]
+        if not hits:
+            return []
+        starts = np.cumsum(doc_chars + len(_NEVER_SPECIAL)) - doc_chars - len(_NEVER_SPECIAL)
+        # a match inside a separator maps to the document before it: checked, harmlessly
+        return np.unique(np.searchsorted(starts, np.asarray(hits), side="right") - 1).tolist()
 
     def _hf_ids(self, texts: Sequence[str]) -> list[list[int]]:
         fn = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
@@ -542,48 +575,53 @@ class FastBPE:
         own: dict[int, np.ndarray] = {}  # documents encoded on their own (they contain the separator)
         slow: list[int] = []
         pieces: list[np.ndarray] = []
-        joined: list[str] = []
-        chars = 0
+        lens_at: list[np.ndarray] = []
 
-        def flush() -> None:
-            if not joined:
-                return
-            buf = self._encode_joined(_NEVER_SPECIAL.join(joined))
+        def flush(text: str, n_docs: int) -> None:
+            buf = self._encode_joined(text)
             sep = buf == self._sep_rank
             pos = np.flatnonzero(sep)
-            if len(pos) != len(joined) - 1:  # pragma: no cover - would mean tiktoken split differently
-                raise RuntimeError(f"fast_bpe: {len(pos)} separators for {len(joined)} documents")
+            if len(pos) != n_docs - 1:  # pragma: no cover - would mean tiktoken split differently
+                raise RuntimeError(f"fast_bpe: {len(pos)} separators for {n_docs} documents")
             lens_at.append(np.diff(pos, prepend=-1, append=len(buf)) - 1)
             pieces.append(buf[~sep] if len(pos) else buf)
-            joined.clear()
 
-        lens_at: list[np.ndarray] = []
-        for i, text in enumerate(texts):
-            t = self._normalizer.normalize_str(text) if self._normalizer is not None else text
-            why = self.fallback_reason(t)
-            if why is not None:
-                found[why] += 1
-                slow.append(i)
-                t = ""  # stays in the joined call as an empty document: 0 tokens, 0 bytes expected
-            elif _SEP_CORE in t:
-                own[i] = self._encode(t)  # the separator is plain text here
-                t = ""
-            else:
-                nbytes[i] = len(t) if t.isascii() else len(t.encode("utf-8"))
-            joined.append(t)
-            chars += len(t)
-            if chars >= JOIN_CHARS:
-                flush()
-                chars = 0
-        flush()
+        norm = [self._normalizer.normalize_str(t) for t in texts] if self._normalizer is not None else list(texts)
+        # UTF-8 bytes per document (strict: a lone surrogate raises here, and the caller names it)
+        nbytes[:] = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in norm),
+                                dtype=np.int64, count=n)
+        n_chars = np.fromiter(map(len, norm), dtype=np.int64, count=n)
+        for a, b in _groups(n_chars, JOIN_CHARS):
+            group = norm[a:b]
+            big = _NEVER_SPECIAL.join(group)
+            # Which documents may need HF: every one without joined checks, else those where a
+            # fallback pattern matches (a superset of the documents where `fallback_reason`
+            # is not None: each match lies inside one document, see __init__), confirmed one by
+            # one. Clean text (nearly all of it) costs two C-level scans per call, no Python
+            # per document.
+            suspects = range(b - a) if not self._joined_checks else self._suspects(big, n_chars[a:b])
+            changed = False
+            for k in suspects:
+                why = self.fallback_reason(group[k])
+                if why is not None:
+                    found[why] += 1
+                    slow.append(a + k)
+                    group[k] = ""  # stays in the joined call as an empty document: 0 tokens, 0 bytes expected
+                    nbytes[a + k] = 0
+                    changed = True
+            if big.count(_SEP_CORE) != b - a - 1:  # the separator's core inside a document (rare)
+                for k, t in enumerate(group):
+                    if _SEP_CORE in t:
+                        own[a + k] = self._encode(t)  # the separator is plain text here
+                        group[k] = ""
+                        changed = True
+            flush(_NEVER_SPECIAL.join(group) if changed else big, b - a)
         lens[:] = np.concatenate(lens_at)
         flat = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
         if own:  # rare: splice the separately encoded documents in
             parts = np.split(flat, np.cumsum(lens)[:-1])
             for i, ids in own.items():
                 parts[i], lens[i] = ids, len(ids)
-                nbytes[i] = len(texts[i].encode("utf-8")) if self._normalizer is None else len(
-                    self._normalizer.normalize_str(texts[i]).encode("utf-8"))
             flat = np.concatenate(parts)
         if self.spec.rank_to_id is not None:
             flat = self.spec.rank_to_id[flat].astype(np.uint32)
