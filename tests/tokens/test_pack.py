@@ -204,7 +204,7 @@ def test_resume_with_other_parallelism(tmp_path: Path, corpus: dict[str, list[Pa
     # processes: the workers need the encoder's tables, written on resume.
     cfg = PackConfig(shard_tokens=1500, parallelism="threads")
     pack_tokens(cfg, tok_dir, corpus, tmp_path / "ref", seed=1, workers=1)
-    monkeypatch.setattr(pack, "IN_MEMORY_MODES", frozenset())  # threads, but with chunk files
+    monkeypatch.setattr(pack, "IN_MEMORY_MAX_BYTES", -1)  # threads on a "big" input: chunk files
     real = pack._tokenize_task
 
     def crash_on_task_3(i: int, **kw: Any) -> dict[str, Any]:
@@ -275,8 +275,9 @@ def test_resume_after_crash_redoes_lost_work(tmp_path: Path, corpus: dict[str, l
     cfg = PackConfig(shard_tokens=1500)
     ref_out = tmp_path / "ref"
     pack_tokens(cfg, tok_dir, corpus, ref_out, seed=1, workers=1)
-    # The file-backed path (process pools), run in this process so that the test can kill it.
-    monkeypatch.setattr(pack, "IN_MEMORY_MODES", frozenset())
+    # The file-backed path (process pools, or any mode on a big input), run inline on an input
+    # deemed big so that the test can kill it.
+    monkeypatch.setattr(pack, "IN_MEMORY_MAX_BYTES", -1)
     out = tmp_path / "tokens"
     real = pack._tokenize_task
 
@@ -318,7 +319,7 @@ def test_in_memory_run_writes_no_work_files_and_restarts_after_a_kill(
     # shards and the manifest are written. A kill leaves no manifest; the next run starts over.
     cfg = PackConfig(shard_tokens=1500, parallelism="threads")
     ref_out = tmp_path / "ref"
-    monkeypatch.setattr(pack, "IN_MEMORY_MODES", frozenset())
+    monkeypatch.setattr(pack, "IN_MEMORY_MAX_BYTES", -1)
     ref = pack_tokens(cfg, tok_dir, corpus, ref_out, seed=1, workers=workers)  # file-backed reference
     monkeypatch.undo()
     written: list[Path] = []

@@ -52,7 +52,8 @@ checks the claim exhaustively on small random merge tables built to contain ever
 conflict (unreachable tokens, several merges producing one string), where a naive
 "rank = token id" table differs from HF.
 
-Per-document fallback (`FastBPE.encode_flat` hands these documents to HF, and counts them):
+Per-document fallback (`FastBPE.encode_flat` hands these documents to HF, and counts them;
+checks 1 and 2 scan each joined call's text once and confirm the hits document by document):
 
 1. the text contains a string HF treats specially even with ``encode_special_tokens``:
    the content of a NON-special added token (split out before pre-tokenization), or, with

@@ -56,8 +56,8 @@ every shard it lists present with the right size, makes `pack_tokens` a no-op. O
 resumes from ``_work`` when its plan has the same key (finished tasks are skipped; a task whose
 chunk is missing or truncated is redone), or starts over (stale outputs removed) when the key
 differs. Every file is written atomically, so a run killed at any point resumes to the same bytes.
-Runs whose tasks execute in this process (inline or threads, i.e. small inputs) write no
-``_work`` at all: a killed one restarts from scratch (see `pack_tokens`).
+Runs whose tasks execute in this process (inline or threads) on small inputs
+(`IN_MEMORY_MAX_BYTES`) write no ``_work`` at all: a killed one restarts from scratch (see `pack_tokens`).
 
 Encoding engines (``pack.engine``)
 ----------------------------------
@@ -136,8 +136,12 @@ VERIFY_CHARS = 2048
 # Below this many tokens, assembling in the parent beats using the process pool's workers
 # (each would first load the assembly plan and chunk files into a cold process).
 INLINE_ASSEMBLE_TOKENS = 64_000_000
-# Parallel modes whose tasks run in this process and keep their output in memory (`pack_tokens`).
+# Runs whose tasks execute in this process (these modes) on at most this much input on disk keep
+# the tasks' output in memory (`pack_tokens`): 32 MB of zstd JSON lines is ~100 MB of text,
+# ~30M tokens (~60-120 MB held), ~10 s of one core with the fast path. Bigger inputs take the
+# file-backed, resumable path whatever the mode (one worker on 100 GB must not hold it all).
 IN_MEMORY_MODES = frozenset({"inline", "threads"})
+IN_MEMORY_MAX_BYTES = 32 << 20
 # Without ``pack.slice_mb``: cut the input into about this many tasks (so that a small corpus in
 # a few files still keeps every worker busy), each at least MIN_SLICE_BYTES on disk (per-task
 # costs: a chunk file pair, a completion marker and a 2 KB verification, ~5 ms). 256 KB of zstd
@@ -1000,7 +1004,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     plan_file = work / "plan.json"
     n_workers = default_workers(workers if workers is not None else cfg.workers)
     mode = parallel_mode(cfg, n_workers, input_bytes)
-    # Tasks that run in this process (inline, threads: inputs below pack.threads_below_mb) keep
+    # Tasks that run in this process (inline, threads) on a small input (`IN_MEMORY_MAX_BYTES`) keep
     # their chunks in memory and assembly reads them from there: no chunk files, no .meta.npz,
     # no completion markers, no plan on disk. Resuming a stage that takes about a second (10 MB
     # of text) buys nothing, while those ~130 small atomic files cost ~10% of it
@@ -1008,7 +1012,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     # atomically, still makes a re-run a no-op, and a run killed before it leaves no manifest,
     # so the next run redoes the stage from scratch (stale shards of the killed run removed).
     # Process pools (big inputs) keep the resumable file-backed path below.
-    in_memory = mode in IN_MEMORY_MODES
+    in_memory = mode in IN_MEMORY_MODES and input_bytes <= IN_MEMORY_MAX_BYTES
     resumable = not force and not in_memory and _resumable(work, key)
     if not resumable:
         _clear_outputs(out_dir)
