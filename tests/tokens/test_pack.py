@@ -324,7 +324,8 @@ def test_in_memory_run_writes_no_work_files_and_restarts_after_a_kill(
     monkeypatch.undo()
     written: list[Path] = []
     real_write, real_json = pack.write_shard, pack.atomic_write_json
-    monkeypatch.setattr(pack, "write_shard", lambda path, *a, **kw: written.append(Path(path)) or real_write(path, *a, **kw))
+    monkeypatch.setattr(pack, "write_shard",
+                        lambda path, *a, **kw: written.append(Path(path)) or real_write(path, *a, **kw))
     monkeypatch.setattr(pack, "atomic_write_json",
                         lambda path, *a, **kw: written.append(Path(path)) or real_json(path, *a, **kw))
     out = tmp_path / "tokens"

@@ -22,14 +22,14 @@ Phases
    Tasks run in this process (inline, threads) keep that in memory; pool workers write it to
    ``_work/chunks/<task>.{bin,idx}`` + ``<task>.meta.npz``.
 3. split (parent): choose each domain's held-out documents (below).
-4. assemble (threads or in process; a pool with markers again for big outputs): each output shard is a run of consecutive
-   documents of one (domain, split) stream: a document goes to shard ``floor(s / shard_tokens)``
-   where ``s`` is the stream offset of its first token (numbers compacted when a document
-   longer than a shard leaves a gap). Shards therefore depend only on the documents, never on
-   how the input was cut into tasks, so the output is byte-identical for any worker count.
-   Assembling copies each token once more and writes the final files (~5% of the tokenizing
-   time on the demo corpus).
-5. manifest (parent), then ``_work`` is removed.
+4. assemble (threads or in process; a pool with markers again for big outputs): each output
+   shard is a run of consecutive documents of one (domain, split) stream: a document goes to
+   shard ``floor(s / shard_tokens)`` where ``s`` is the stream offset of its first token
+   (numbers compacted when a document longer than a shard leaves a gap). Shards therefore
+   depend only on the documents, never on how the input was cut into tasks, so the output is
+   byte-identical for any worker count and mode. Assembling copies each token once more and
+   writes the final files (~2% of the tokenizing time on the demo corpus, from memory).
+5. manifest (parent), then ``_work`` (if any) is removed.
 
 Held-out validation split (deterministic, exact counts, parallel-safe)
 ---------------------------------------------------------------------
@@ -1095,9 +1095,9 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         else:
             atomic_write_json(work / "assemble.json", {"key": key, "dtype": dtype.name, "shards": shards,
                                                        "thresholds": thresholds}, indent=None)
-            # A process pool pays off only for big outputs.
+            # Threads cost nothing to start; a process pool pays off only for big outputs.
             total_tokens = sum(r["tokens"] for r in results)
-            asm_pool = pool if total_tokens >= INLINE_ASSEMBLE_TOKENS else None
+            asm_pool = pool if mode == "threads" or total_tokens >= INLINE_ASSEMBLE_TOKENS else None
             width = dtype.itemsize
 
             def shard_ok(j: int, r: dict[str, Any]) -> bool:
