@@ -386,6 +386,9 @@ class StabilityConfig(Strict):
     rollback_lr_scale: float = Field(0.5, gt=0.0, le=1.0, description="After a rollback, scale the LR by this for rollback_lr_steps.")
     rollback_lr_steps: int = Field(100, ge=0, description="Steps during which the rollback LR scale applies.")
     max_rollbacks: int = Field(5, ge=0, description="Give up (error) after this many rollbacks.")
+    max_consecutive_skips: int = Field(
+        10, ge=1, description="After this many skipped updates in a row: a spike streak is a new loss level (accept "
+        "the step and restart the spike statistics); a NaN/Inf streak stops training (error).")
 
 
 class CheckpointConfig(Strict):

@@ -90,7 +90,7 @@ def test_spike_skip_and_statistics_untouched() -> None:
     assert d.action == "skip" and d.event.kind == "spike" and d.event.threshold is not None
     assert list(g.detector.losses) == before  # a rejected loss never enters the window
     assert g.check(n + 1, 3.0, 1.0).action == "ok"
-    assert g.summary() == {"nan_loss": 0, "nan_grad": 0, "spikes": 1, "skipped": 1, "rolled_back": 0}
+    assert g.summary() == {"nan_loss": 0, "nan_grad": 0, "spikes": 1, "skipped": 1, "rolled_back": 0, "level_shifts": 0}
 
 
 def test_policy_none_ignores_spikes_but_not_nans() -> None:
@@ -136,3 +136,42 @@ def test_rollback_restore_keeps_history() -> None:
     g.load_state_dict(saved, keep_history=True)
     assert g.counters.rolled_back == 1 and len(g.events) == 1
     assert list(g.detector.losses) == saved["detector"]["losses"]
+
+
+def test_a_spike_streak_becomes_the_new_loss_level() -> None:
+    """A lasting jump of the loss is skipped max_consecutive_skips times, then accepted as the new
+    level with fresh statistics: without the cap a skip never changes the model, so it would skip forever."""
+    g = StabilityGuard(StabilityConfig(spike_window=5, max_consecutive_skips=3))
+    rng = np.random.default_rng(0)
+    for step in range(1, 11):
+        assert g.check(step, 2.0 + 0.01 * rng.standard_normal(), 1.0).action == "ok"
+    actions = [g.check(step, 3.0, 1.0).action for step in range(11, 20)]
+    assert actions == ["skip", "skip", "skip", "ok", "ok", "ok", "ok", "ok", "ok"]
+    assert g.summary()["skipped"] == 3 and g.summary()["level_shifts"] == 1
+    shift = g.events[-1]
+    assert shift.step == 14 and shift.action == "ok" and "new loss level" in shift.reason
+    # The new level is the reference now: a real spike above it is caught again.
+    assert g.check(20, 30.0, 1.0).action == "skip"
+    # A single spike between good steps does not count towards the streak.
+    g2 = StabilityGuard(StabilityConfig(spike_window=5, max_consecutive_skips=1))
+    for step in range(1, 8):
+        g2.check(step, 2.0 + 0.01 * (step % 2), 1.0)
+    assert [g2.check(s, x, 1.0).action for s, x in ((8, 9.0), (9, 2.0), (10, 9.0))] == ["skip", "ok", "skip"]
+
+
+def test_a_non_finite_streak_stops_training() -> None:
+    g = StabilityGuard(StabilityConfig(max_consecutive_skips=2))
+    assert [g.check(s, math.nan, 1.0).action for s in (1, 2)] == ["skip", "skip"]
+    with pytest.raises(TrainingDiverged, match="3 updates in a row skipped"):
+        g.check(3, math.nan, 1.0)
+
+
+def test_streak_survives_a_state_round_trip() -> None:
+    cfg = StabilityConfig(spike_window=5, max_consecutive_skips=2)
+    g = StabilityGuard(cfg)
+    for step in range(1, 8):
+        g.check(step, 2.0 + 0.01 * (step % 2), 1.0)
+    assert g.check(8, 9.0, 1.0).action == "skip"
+    h = StabilityGuard(cfg)
+    h.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert [h.check(s, 9.0, 1.0).action for s in (9, 10)] == ["skip", "ok"]

@@ -307,7 +307,8 @@ def test_spike_and_nan_are_skipped(tmp_path: Path, tokens: Path) -> None:
     trainer = Trainer(recipe, run, progress=False, on_step=snap,
                       **_poisoned(recipe, tokens, {8 * B: MARK_SPIKE, 11 * B: MARK_NAN}))  # steps 9 and 12
     summary = trainer.run()
-    assert summary["stability"] == {"nan_loss": 1, "nan_grad": 0, "spikes": 1, "skipped": 2, "rolled_back": 0}
+    assert summary["stability"] == {"nan_loss": 1, "nan_grad": 0, "spikes": 1, "skipped": 2, "rolled_back": 0,
+                                    "level_shifts": 0}
     for step in (9, 12):  # the update was dropped: parameters unchanged over the step
         assert all(torch.equal(snapshots[step][k], snapshots[step - 1][k]) for k in snapshots[step])
     assert not all(torch.equal(snapshots[10][k], snapshots[9][k]) for k in snapshots[10])
@@ -332,7 +333,8 @@ def test_spike_and_nan_roll_back(tmp_path: Path, tokens: Path) -> None:
     # again (step 12 was never saved), continue from 112.
     trainer = Trainer(recipe, run, progress=False, **_poisoned(recipe, tokens, {9 * B: MARK_SPIKE, 13 * B: MARK_NAN}))
     summary = trainer.run()
-    assert summary["stability"] == {"nan_loss": 1, "nan_grad": 0, "spikes": 1, "skipped": 0, "rolled_back": 2}
+    assert summary["stability"] == {"nan_loss": 1, "nan_grad": 0, "spikes": 1, "skipped": 0, "rolled_back": 2,
+                                    "level_shifts": 0}
     assert summary["samples_skipped"] == (80 - 64) + (112 - 64)
     assert summary["samples"] == 112 + 8 * 8 and summary["steps"] == 16 and summary["complete"]
     events = read_metrics(run / "train", kind="event")

@@ -42,7 +42,8 @@ __all__ = ["Event", "SpikeDetector", "StabilityGuard", "TrainingDiverged", "Deci
 
 
 class TrainingDiverged(RuntimeError):
-    """More rollbacks than `max_rollbacks`: the run is not recovering on its own."""
+    """More rollbacks than `max_rollbacks`, or more non-finite steps in a row than
+    `max_consecutive_skips`: the run is not recovering on its own."""
 
 
 @dataclass
@@ -111,6 +112,11 @@ class SpikeDetector:
         self.losses.append(loss)
         self.ema = loss if self.ema is None else self.ema + self.alpha * (loss - self.ema)
 
+    def reset(self) -> None:
+        """Forget the window and the EMA (warm up again from the next accepted loss)."""
+        self.losses.clear()
+        self.ema = None
+
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "ema": self.ema}
 
@@ -127,6 +133,7 @@ class _Counters:
     spikes: int = 0
     skipped: int = 0
     rolled_back: int = 0
+    level_shifts: int = 0  # spike streaks accepted as a new loss level (max_consecutive_skips)
 
 
 class StabilityGuard:
@@ -138,6 +145,7 @@ class StabilityGuard:
         self.counters = _Counters()
         self.events: list[Event] = []
         self.lr_scale_until: int = -1  # the rollback LR scale applies to steps < this
+        self.consecutive_skips = 0
 
     # ------------------------------------------------------------------ decisions
 
@@ -161,11 +169,31 @@ class StabilityGuard:
             if spike:
                 kind = "spike"
         if kind is None:
+            self.consecutive_skips = 0
             if math.isfinite(loss):
                 self.detector.update(loss)
             return Decision("ok")
 
         action: Action = "rollback" if cfg.spike_policy == "rollback" else "skip"
+        if action == "skip" and self.consecutive_skips >= cfg.max_consecutive_skips:
+            # A skipped update leaves the model, and so the next losses, where they were: a lasting
+            # shift of the loss level (a harder data phase, a repeated batch) would be skipped
+            # forever, since rejected losses never enter the statistics.
+            if kind != "spike":
+                raise TrainingDiverged(
+                    f"step {step}: {self.consecutive_skips + 1} updates in a row skipped "
+                    f"(train.stability.max_consecutive_skips={cfg.max_consecutive_skips}); last: {reason}")
+            log.warning("stability: step %d: %d spikes in a row, taking loss %.4f as the new level; "
+                        "restarting the spike statistics", step, self.consecutive_skips + 1, loss)
+            event = Event(step=step, kind="spike", action="ok", loss=float(loss), grad_norm=float(grad_norm),
+                          threshold=threshold, reason=reason + "; accepted as a new loss level after "
+                          f"{self.consecutive_skips} skips, statistics restarted")
+            self.events.append(event)
+            self.counters.level_shifts += 1
+            self.consecutive_skips = 0
+            self.detector.reset()
+            self.detector.update(loss)
+            return Decision("ok", event)
         if action == "rollback" and not can_rollback:
             reason += "; no checkpoint to roll back to yet, skipping the update instead"
             action = "skip"
@@ -184,6 +212,7 @@ class StabilityGuard:
             c.spikes += 1
         if event.action == "skip":
             c.skipped += 1
+            self.consecutive_skips += 1
         elif event.action == "rollback":
             c.rolled_back += 1
         self.events.append(event)
@@ -210,6 +239,7 @@ class StabilityGuard:
             "counters": asdict(self.counters),
             "events": [e.to_json() for e in self.events],
             "lr_scale_until": self.lr_scale_until,
+            "consecutive_skips": self.consecutive_skips,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, keep_history: bool = False) -> None:
@@ -218,6 +248,7 @@ class StabilityGuard:
         happened)."""
         self.detector.load_state_dict(state.get("detector", {}))
         self.lr_scale_until = int(state.get("lr_scale_until", -1))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         if keep_history:
             return
         self.counters = _Counters(**state.get("counters", {}))
