@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from smelt import __version__
-from smelt.config import Recipe, RecipeError, load_recipe, recipe_to_dict
-from smelt.fsutil import atomic_write_text
+from smelt.config import Recipe, RecipeError, load_recipe, write_resolved_recipe
 
 log = logging.getLogger("smelt")
 
@@ -172,14 +171,7 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 
 def prepare_run(recipe: Recipe, source: str | None) -> Path:
     """Create the run directory and write the resolved recipe into it."""
-    import yaml
-
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    header = f"# resolved recipe (from {source or 'defaults'}, overrides applied)\n"
-    atomic_write_text(run_dir / "recipe.yaml",
-                      header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True))
-    return run_dir
+    return write_resolved_recipe(recipe, source)
 
 
 class RichProgress:

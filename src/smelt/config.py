@@ -660,6 +660,19 @@ def read_recipe_tree(path: str | Path) -> dict[str, Any]:
     return tree
 
 
+def write_resolved_recipe(recipe: Recipe, source: str | None) -> Path:
+    """Create the run directory and write the resolved recipe (overrides applied) into it,
+    atomically, with a header naming where it came from."""
+    from smelt.fsutil import atomic_write_text
+
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# resolved recipe (from {source or 'defaults'}, overrides applied)\n"
+    atomic_write_text(run_dir / "recipe.yaml",
+                      header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True))
+    return run_dir
+
+
 def recipe_to_dict(recipe: BaseModel) -> dict[str, Any]:
     return json.loads(recipe.model_dump_json())
 

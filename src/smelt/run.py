@@ -44,11 +44,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from smelt.config import (Recipe, RecipeError, apply_override, config_hash, parse_recipe, read_recipe_tree,
-                          recipe_to_dict)
-from smelt.fsutil import atomic_write_json, atomic_write_text, read_json
+                          recipe_to_dict, write_resolved_recipe)
+from smelt.fsutil import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +168,6 @@ def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None)
         tree.setdefault("run", {})["demo"] = demo
     run_dir = str(Path(str(tree.get("runs_dir", "runs"))) / str(tree.get("name", "run")))
     return parse_recipe(_substitute(tree, run_dir))
-
-
-def write_resolved_recipe(recipe: Recipe, source: str | None) -> Path:
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    header = f"# resolved recipe (from {source or 'the built-in demo'}, overrides applied)\n"
-    atomic_write_text(run_dir / "recipe.yaml",
-                      header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True))
-    return run_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +453,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
     _check_stage(only, "--only")
     if from_stage and only:
         raise RecipeError("--from and --only exclude each other")
-    run_dir = write_resolved_recipe(recipe, source)
+    run_dir = write_resolved_recipe(recipe, source or "the built-in demo")
     if recipe.run.demo != "off":
         from smelt.demo.corpus import build_corpus
 
