@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -198,11 +199,106 @@ def test_dcp_metadata_cross_check(tmp_path: Path) -> None:
     state = json.loads((path / ck.STATE_FILE).read_text())
     state["files"][data.name] = 100
     (path / ck.STATE_FILE).write_text(json.dumps(state))
-    problem = ck.verify_checkpoint(path)
+    problem = ck.verify_checkpoint(path, content=False)
     assert problem is not None and "DCP metadata expects" in problem
+    assert "checksum" in (ck.verify_checkpoint(path) or "")  # the content check sees it first
     assert ck.find_latest(tmp_path) is None
 
 
 def test_no_checkpoint(tmp_path: Path) -> None:
     assert ck.find_latest(tmp_path / "absent") is None
     assert ck.find_latest(tmp_path) is None
+
+
+def test_same_size_corruption_is_caught_and_falls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """200 KB of 0xff over a data file (same size): the checksum fails, the previous checkpoint is used,
+    and loading the bad one is a CheckpointError naming the file, never an unpickling traceback."""
+    model, opt = _fresh()
+    _train(model, opt, 1)
+    good = ck.save_checkpoint(tmp_path, 1, model, opt, {})
+    _train(model, opt, 1)
+    bad = ck.save_checkpoint(tmp_path, 2, model, opt, {})
+    data = max(bad.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.write(b"\xff" * min(size, 200_000))
+    assert data.stat().st_size == size
+    problem = ck.verify_checkpoint(bad)
+    assert problem is not None and data.name in problem and "checksum" in problem
+    assert ck.verify_checkpoint(bad, content=False) is None  # sizes alone cannot see it
+    with caplog.at_level("WARNING"):
+        assert ck.find_latest(tmp_path) == good
+    assert "falling back" in caplog.text
+    with pytest.raises(ck.CheckpointError, match="checksum"):
+        ck.load_checkpoint(bad, *_fresh())
+
+
+def test_checkpoint_without_checksums_verifies_by_size(tmp_path: Path) -> None:
+    """Checkpoints written before checksums were recorded still load."""
+    model, opt = _fresh()
+    _train(model, opt, 1)
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {})
+    state = json.loads((path / ck.STATE_FILE).read_text())
+    del state["checksums"]
+    (path / ck.STATE_FILE).write_text(json.dumps(state))
+    assert ck.verify_checkpoint(path) is None
+    ck.load_checkpoint(path, *_fresh())
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named by ``flag``."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.flag}",))
+
+
+def _plant_malicious_metadata(path: Path, flag: Path, *, fix_json: bool) -> None:
+    import pickle
+
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload(str(flag))))
+    if fix_json:  # an attacker can rewrite the JSON's sizes and checksums too
+        state = json.loads((path / ck.STATE_FILE).read_text())
+        state["files"][".metadata"] = (path / ".metadata").stat().st_size
+        state["checksums"][".metadata"] = ck.file_checksum(path / ".metadata")
+        (path / ck.STATE_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("fix_json", [False, True])
+def test_malicious_metadata_never_runs(tmp_path: Path, fix_json: bool) -> None:
+    model, opt = _fresh()
+    _train(model, opt, 1)
+    path = ck.save_checkpoint(tmp_path / "ck", 1, model, opt, {})
+    flag = tmp_path / "pwned"
+    _plant_malicious_metadata(path, flag, fix_json=fix_json)
+    assert ck.verify_checkpoint(path) is not None
+    assert ck.find_latest(tmp_path / "ck") is None
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(path, *_fresh())
+    with pytest.raises(ck.CheckpointError, match="refusing|checksum|bytes"):
+        ck.read_metadata(path) if fix_json else ck.load_checkpoint(path, *_fresh())
+    assert not flag.exists()
+
+
+def test_metadata_with_non_tensor_entries_is_refused(tmp_path: Path) -> None:
+    """DCP reads "bytes" entries back with torch.load(weights_only=False): never load one."""
+    import torch.distributed.checkpoint as dcp
+
+    d = tmp_path / "raw"
+    with ck._quiet_single_process():
+        dcp.save({"model": {"w": torch.ones(2)}, "extra": {"obj": io.BytesIO(b"x")}}, checkpoint_id=str(d),
+                 no_dist=True)
+    with pytest.raises(ck.CheckpointError, match="non-tensor"):
+        ck.read_metadata(d)
+
+
+def test_real_metadata_reads_with_the_safe_unpickler(tmp_path: Path) -> None:
+    model, opt = _fresh()
+    _train(model, opt, 1)
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {})
+    md = ck.read_metadata(path)
+    assert any(k.startswith("model.") for k in md.state_dict_metadata)

@@ -6,7 +6,8 @@ Layout (format version 1) under ``train/checkpoints/``::
         .metadata             DCP metadata (tensor shapes, which file holds which bytes)
         __0_0.distcp ...      DCP tensor data, one file per writing rank
         trainer_state.json    step, tokens, loader state, RNG, stability, config hash, the
-                              optimizer's hyperparameters, and the size of every file above
+                              optimizer's hyperparameters, and the size and xxh3-64 checksum
+                              of every file above
     step-0000500.tmp/         a checkpoint being written (never read)
     latest                    text: the name of the newest complete checkpoint
 
@@ -15,14 +16,19 @@ different world size or parallel layout later (issue 6); DCP runs without a proc
 single process (``no_dist``). Only tensors are stored through DCP: the optimizer's param-group
 hyperparameters travel in the JSON, because DCP stores non-tensor values with `torch.save` and
 reads them back with ``torch.load(weights_only=False)``, i.e. unpickling. DCP's own ``.metadata``
-is a pickle written by DCP; loading a checkpoint therefore trusts its directory as much as code,
-as with any DCP checkpoint; tensor data is read with ``weights_only=True``.
+is a pickle too: smelt never hands it to `pickle.load`, but reads it with `SafeMetadataReader`,
+whose unpickler resolves only the classes DCP's metadata is made of (its dataclasses, torch
+dtypes/sizes/layouts, paths) and refuses any other global, so a crafted ``.metadata`` cannot run
+code; an entry that is not a tensor (DCP's pickled "bytes" items) is refused as well. Tensor data
+is read with ``weights_only=True``. A checkpoint directory therefore never runs code.
 
 Atomicity: everything is written into ``step-NNNNNNN.tmp/``, files fsynced, the directory renamed
 to ``step-NNNNNNN/`` (the commit point), then ``latest`` is rewritten atomically and checkpoints
 beyond the newest ``keep`` are deleted. `find_latest` never trusts a name alone: it verifies the
-newest checkpoint (state JSON parses, every recorded file has its recorded size, every byte
-range in the DCP metadata lies inside its file) and falls back to older ones, logging why.
+newest checkpoint (state JSON parses, every recorded file has its recorded size and xxh3-64
+checksum, so same-size corruption is caught too, and every byte range in the DCP metadata lies
+inside its file) and falls back to older ones, logging why. Checkpoints written before checksums
+were recorded are verified by size alone.
 
 RNG states (torch CPU and CUDA, numpy, Python) are stored as base64 / integer lists in JSON:
 ``rng`` is rank 0's, ``rng_ranks`` every rank's when the process group has several ranks. A
@@ -41,9 +47,11 @@ load into any other layout and back.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -66,6 +74,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+import xxhash
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
 from smelt.fsutil import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -84,6 +95,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_trainer_state",
+    "read_metadata",
+    "SafeMetadataReader",
+    "file_checksum",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -178,6 +192,70 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# DCP metadata without arbitrary unpickling
+
+# Exactly the globals a DCP ``.metadata`` pickle refers to (checked on torch 2.4-2.13 saves):
+# its metadata dataclasses, the filesystem writer's storage record, and torch's value types.
+_SAFE_GLOBALS: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"Path", "PosixPath", "PurePath", "PurePosixPath"}),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _SAFE_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of DCP metadata")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """A checkpoint's DCP metadata, unpickled with `_MetadataUnpickler` (no code can run) and
+    checked to describe tensors only; CheckpointError otherwise."""
+    f = Path(path) / ".metadata"
+    try:
+        md = _MetadataUnpickler(io.BytesIO(f.read_bytes())).load()
+    except OSError as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt or hostile file
+        raise CheckpointError(f"{f}: not valid DCP metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{f}: not valid DCP metadata (a {type(md).__name__})")
+    bad = [k for k, v in (md.state_dict_metadata or {}).items() if not isinstance(v, TensorStorageMetadata)]
+    if bad:
+        # Non-tensor entries are read back by DCP with torch.load(weights_only=False): refuse.
+        raise CheckpointError(f"{f}: holds non-tensor entries ({', '.join(sorted(bad)[:3])}), which smelt never "
+                              "writes and will not unpickle")
+    return md
+
+
+class SafeMetadataReader(dcp.FileSystemReader):
+    """`dcp.FileSystemReader` whose metadata comes from `read_metadata`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        md = read_metadata(self.path)
+        if getattr(md, "storage_meta", None) is not None:
+            md.storage_meta.load_id = self.load_id
+        return md
+
+
+def file_checksum(path: str | Path, chunk: int = 8 << 20) -> str:
+    """xxh3-64 of a file's bytes, hex (~10 GB/s: reading the file costs more than hashing it)."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
 # listing and verification
 
 
@@ -201,8 +279,11 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def verify_checkpoint(path: str | Path) -> str | None:
-    """None when the checkpoint is complete and intact, else what is wrong with it."""
+def verify_checkpoint(path: str | Path, *, content: bool = True) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it.
+
+    ``content``: also compare every file's xxh3-64 checksum with the one recorded at save (reads
+    every byte; False checks sizes and the metadata only)."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         return "DCP .metadata is missing"
@@ -222,11 +303,19 @@ def verify_checkpoint(path: str | Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, expected {size}"
+    sums = state.get("checksums")
+    if content and isinstance(sums, dict):
+        for name in files:
+            if name not in sums:
+                return f"{STATE_FILE} records no checksum for {name}"
+            got = file_checksum(path / name)
+            if got != sums[name]:
+                return f"{name}: content checksum {got} differs from the {sums[name]} recorded at save (corrupt)"
     # Cross-check DCP's own map of byte ranges (catches a file rewritten after the JSON listed it).
     try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata means a broken checkpoint
-        return f"DCP metadata unreadable: {type(e).__name__}: {e}"
+        metadata = read_metadata(path)
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{path / '.metadata'}: ")
     sizes: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         rel = info.relative_path
@@ -401,7 +490,9 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
             "saved_at": time.time(),
         }
         # Sizes of DCP's files, recorded after they are complete; the JSON itself is not listed.
-        state["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        written = [f for f in sorted(tmp.iterdir()) if f.is_file()]
+        state["files"] = {f.name: f.stat().st_size for f in written}
+        state["checksums"] = {f.name: file_checksum(f) for f in written}
         atomic_write_json(tmp / STATE_FILE, state)
         for f in tmp.iterdir():  # DCP does not fsync on every filesystem; make the data durable
             with open(f, "rb") as fh:
@@ -477,13 +568,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         _materialize_zero1(optimizer)
         tensors = {"model": get_model_state_dict(model), "optim": {"state": _zero1_state(model, optimizer)}}
         with _quiet_single_process():
-            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)  # in place, this rank's keys
+            dcp.load(tensors, storage_reader=SafeMetadataReader(str(path)), no_dist=no_dist)  # this rank's keys
         set_model_state_dict(model, tensors["model"])
         _apply_saved_groups(optimizer.param_groups, saved_opt, path)
     elif optimizer is None or not saved_opt.get("initialized", False):
         tensors = {"model": get_model_state_dict(model)}
         with _quiet_single_process():
-            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
+            dcp.load(tensors, storage_reader=SafeMetadataReader(str(path)), no_dist=no_dist)
         set_model_state_dict(model, tensors["model"])
         if optimizer is not None:
             (optimizer.optim if _is_zero1(optimizer) else optimizer).state.clear()
@@ -491,7 +582,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         model_sd, optim_sd = get_state_dict(model, optimizer)
         tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
         with _quiet_single_process():
-            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
+            dcp.load(tensors, storage_reader=SafeMetadataReader(str(path)), no_dist=no_dist)
         groups = optim_sd["param_groups"]
         _apply_saved_groups(groups, saved_opt, path)
         set_state_dict(model, optimizer, model_state_dict=tensors["model"],

@@ -193,8 +193,6 @@ def check_init_compatible(path: Path, source_run: Path | None, model_cfg: Any) -
     when the checkpoint belongs to a run directory, that run's model config agrees on every
     field outside `_INIT_FREE_FIELDS` (a tied vs untied output has the same tensors but not
     the same function)."""
-    import torch.distributed.checkpoint as dcp
-
     from smelt.model.llama import Transformer
 
     src_cfg = None
@@ -217,7 +215,7 @@ def check_init_compatible(path: Path, source_run: Path | None, model_cfg: Any) -
                 if getattr(src_cfg, k) != getattr(model_cfg, k)]
         if free and not problems:
             log.info("train.init_from: continuing with %s", ", ".join(free))
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = ckpt.read_metadata(path).state_dict_metadata
     saved = {k.removeprefix("model."): tuple(v.size) for k, v in meta.items() if k.startswith("model.")}
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in Transformer(model_cfg).state_dict().items()}
