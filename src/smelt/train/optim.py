@@ -112,8 +112,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, **kernel)
     if cfg.name == "adafactor":
-        if not hasattr(torch.optim, "Adafactor"):  # added in torch 2.5
-            raise RuntimeError("train.optim.name=adafactor needs torch >= 2.5 (torch.optim.Adafactor)")
         # torch's Adafactor: factored second moment for matrices, no first moment, relative step
         # size capped by lr; its weight decay is decoupled (param *= 1 - lr * wd) like AdamW's.
         return torch.optim.Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
