@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from smelt.config import RecipeError, apply_override, config_hash, load_recipe, parse_recipe
+from smelt.config import RecipeError, apply_override, config_hash, load_recipe, parse_recipe, read_recipe_tree
 
 BASE = {"name": "t", "data": {"inputs": [{"path": "x.jsonl", "domain": "web"}]}}
 
@@ -71,6 +71,73 @@ def test_load_recipe_file_errors(tmp_path):
     p.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(RecipeError):
         load_recipe(p)
+
+
+def test_yaml_errors_name_the_file_and_refuse_duplicate_keys(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: t\ntrain:\n  max_steps: 3\n  lr_unused: 1\n  max_steps: 4\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert f'in "{p}", line 5' in msg and "duplicate key 'max_steps'" in msg and "line 3" in msg
+    assert "<unicode string>" not in msg
+    p.write_text("name: t\ntrain: [unclosed\n")
+    with pytest.raises(RecipeError, match=f'in "{p}", line'):
+        load_recipe(p)
+    # a duplicate at the top level, and inside a list item
+    p.write_text("name: a\nname: b\n")
+    with pytest.raises(RecipeError, match="duplicate key 'name'"):
+        load_recipe(p)
+    p.write_text("data:\n  inputs:\n    - {path: x, domain: a, domain: b}\n")
+    with pytest.raises(RecipeError, match="duplicate key 'domain'"):
+        load_recipe(p)
+    # a merge key is not a duplicate: keys given beside it override the merged ones (YAML 1.1)
+    p.write_text("x-base: &b {path: x, domain: web}\ninputs:\n  - <<: *b\n    domain: wiki\n")
+    assert read_recipe_tree(p)["inputs"] == [{"path": "x", "domain": "wiki"}]
+    # --set values go through the same loader
+    with pytest.raises(RecipeError, match="duplicate key"):
+        parse_recipe(BASE, ["data.dedup={exact: {}, exact: {}}"])
+
+
+def test_global_batch_must_be_whole_micro_batches():
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(BASE, ["train.batch.global_batch=4", "train.batch.micro_batch=8"])
+    assert "train.batch.global_batch (4) must be a multiple of train.batch.micro_batch (8)" in str(e.value)
+    with pytest.raises(RecipeError, match=r"train\.batch\.global_batch \(12\).*micro_batch \(8\)"):
+        parse_recipe(BASE, ["train.batch.global_batch=12"])  # the default micro batch
+    assert parse_recipe(BASE, ["train.batch.global_batch=16", "train.batch.micro_batch=4"]).train.batch.micro_batch == 4
+    # micro_batch unset: 8, or global_batch when smaller
+    assert parse_recipe(BASE, ["train.batch.global_batch=4"]).train.batch.micro_batch == 4
+    assert parse_recipe(BASE, ["train.batch.global_batch=32"]).train.batch.micro_batch == 8
+
+
+def test_runs_dir_must_be_local():
+    for url in ("s3://bucket/runs", "gs://b/r", "hf://datasets/x", "file:///tmp/runs"):
+        with pytest.raises(RecipeError, match=r"runs_dir: must be a local directory, not a URL"):
+            parse_recipe(BASE, [f"runs_dir={url}"])
+    assert parse_recipe(BASE, ["runs_dir=/tmp/my runs:2"]).runs_dir == "/tmp/my runs:2"
+
+
+def test_ul2_needs_sentinels_in_the_tokenizer():
+    ul2 = ["loader.objective.kind=ul2"]
+    for n in (0, 3):
+        with pytest.raises(RecipeError) as e:
+            parse_recipe(BASE, ul2 + [f"tokenizer.num_sentinels={n}"])
+        assert "loader.objective.kind: ul2 needs tokenizer.num_sentinels >= 4" in str(e.value)
+        assert f"the recipe has {n}" in str(e.value)
+    assert parse_recipe(BASE, ul2 + ["tokenizer.num_sentinels=4"]).loader.objective.kind == "ul2"
+    assert parse_recipe(BASE, ul2).tokenizer is None  # no tokenizer section: its default 32 sentinels
+    no_modes = ul2 + ["loader.objective.ul2_mode_tokens=false", "tokenizer.num_sentinels=0"]
+    with pytest.raises(RecipeError, match="num_sentinels >= 1"):
+        parse_recipe(BASE, no_modes)
+    assert parse_recipe(BASE, no_modes + ["loader.objective.ul2_mix={S: 1}"])  # prefix only: no spans
+    # what the check prevents: the objective refusing the tokenizer's special ids at train time
+    from smelt.tokens.objectives import UL2, SpecialIds
+
+    for n, mode_tokens in ((3, True), (0, False)):
+        with pytest.raises(ValueError):
+            UL2(SpecialIds.conventions(n), {"R": 1.0}, mode_tokens=mode_tokens)
+    UL2(SpecialIds.conventions(4), {"R": 1.0}, mode_tokens=True)
 
 
 def test_config_hash_is_stable_and_sensitive():

@@ -1,7 +1,8 @@
 """The recipe: one YAML file, validated by pydantic before any work starts.
 
 Every field carries its default, unit and one line of documentation where it is declared.
-`load_recipe(path, overrides)` reads YAML with ``safe_load``, applies ``--set a.b=c``
+`load_recipe(path, overrides)` reads YAML with `RecipeLoader` (``safe_load`` that refuses a key
+given twice in one mapping; errors name the file and line), applies ``--set a.b=c``
 overrides (values parsed as YAML scalars/lists; list items addressed by index, e.g.
 ``data.inputs.0.domain=wiki``), and validates. A wrong key, type or value raises
 `RecipeError` naming the key path and, where they are known, the allowed keys or values.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -372,9 +374,27 @@ class ScheduleConfig(Strict):
 
 class BatchConfig(Strict):
     global_batch: int = Field(32, ge=1, description="Sequences per optimizer step, over all data-parallel ranks.")
-    micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward on one rank (gradient accumulation fills the rest).")
+    micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward on one rank (gradient accumulation "
+                                                  "fills the rest); unset: 8, or global_batch when that is smaller.")
     ramp_start: int | None = Field(None, ge=1, description="Batch-size ramp: start at this global batch (sequences); None: no ramp.")
     ramp_tokens: int = Field(0, ge=0, description="Batch-size ramp: tokens over which the batch grows linearly to global_batch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_micro(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("micro_batch") is None and isinstance(data.get("global_batch"), int) \
+                and 1 <= data["global_batch"] < 8:
+            data = {**data, "micro_batch": data["global_batch"]}
+        return data
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> BatchConfig:
+        # Checked here, before any stage runs; the trainer checks micro_batch x data-parallel ranks
+        # again once the world size is known.
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"train.batch.global_batch ({self.global_batch}) must be a multiple of "
+                             f"train.batch.micro_batch ({self.micro_batch})")
+        return self
 
 
 class StabilityConfig(Strict):
@@ -534,8 +554,26 @@ class Recipe(Strict):
     export: ExportConfig | None = Field(None, description="Hugging Face export stage.")
     run: RunConfig = Field(default_factory=RunConfig, description="`smelt run`: stages, built-in demo, report.")
 
+    @field_validator("runs_dir")
+    @classmethod
+    def _local_runs_dir(cls, v: str) -> str:
+        if _URL_RE.match(v):
+            raise ValueError("must be a local directory, not a URL: remote outputs are not supported yet")
+        return v
+
     @model_validator(mode="after")
-    def _has_stage(self) -> Recipe:
+    def _sections_agree(self) -> Recipe:
+        if self.loader is not None and self.loader.objective.kind == "ul2":
+            obj = self.loader.objective
+            have = (self.tokenizer or TokenizerConfig()).num_sentinels
+            span = obj.ul2_mix.get("R", 0) > 0 or obj.ul2_mix.get("X", 0) > 0
+            # Mode tokens take the last three sentinels; R and X spans need at least one more.
+            need = (3 if obj.ul2_mode_tokens else 0) + (1 if span or obj.ul2_mode_tokens else 0)
+            if have < need:
+                why = " (3 paradigm tokens for loader.objective.ul2_mode_tokens, 1 for spans)" \
+                    if obj.ul2_mode_tokens else ""
+                raise ValueError(f"loader.objective.kind: ul2 needs tokenizer.num_sentinels >= {need}{why}, "
+                                 f"the recipe has {have}")
         return self
 
     @property
@@ -543,8 +581,46 @@ class Recipe(Strict):
         return Path(self.runs_dir) / self.name
 
 
+# An fsspec-style URL (s3://, gs://, hf://, file://, ...): a scheme before "://".
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 # --------------------------------------------------------------------------------------------
 # loading, overrides, errors
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error
+    (YAML 1.2 says keys are unique; PyYAML would keep the last one silently). Used for every
+    recipe read, through `load_yaml`."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given here may override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeConstructor reports it below
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+
+def load_yaml(text: str, name: str) -> Any:
+    """Parse one YAML document with `RecipeLoader`; ``name`` (a file path) appears in error marks."""
+    loader = RecipeLoader(text)
+    loader.name = name  # marks say `in "<name>", line L, column C`, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -556,7 +632,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     if not parts:
         raise RecipeError(f"--set {assignment!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
     node: Any = tree
@@ -617,6 +693,11 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe
         loc = tuple(e["loc"])
         path = ".".join(str(p) for p in loc) or "<recipe>"
         msg = e["msg"]
+        if e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # our validators' own sentence, without pydantic's "Value error, "
+            if not loc or msg.startswith(path):  # the message names its keys itself
+                lines.append(f"  {msg}")
+                continue
         if e["type"] == "extra_forbidden":
             owner = _model_at(root, loc[:-1])
             allowed = sorted(owner.model_fields) if owner else []
@@ -645,12 +726,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def read_recipe_tree(path: str | Path) -> dict[str, Any]:
-    """A recipe file as a plain mapping (``yaml.safe_load``), before overrides and validation."""
+    """A recipe file as a plain mapping (`load_yaml`), before overrides and validation."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe not found: {p}")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        tree = load_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
     except UnicodeDecodeError:

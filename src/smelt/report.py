@@ -153,8 +153,10 @@ class Report:
         if rp.is_file():
             import yaml
 
+            from smelt.config import load_yaml
+
             try:
-                self.recipe = yaml.safe_load(rp.read_text(encoding="utf-8")) or {}
+                self.recipe = load_yaml(rp.read_text(encoding="utf-8"), str(rp)) or {}
             except yaml.YAMLError as e:
                 self.problems.append(f"{rp}: not valid YAML ({e})")
         self.stats = _load_json(run_dir / "data" / "stats.json", self.problems)
