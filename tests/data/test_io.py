@@ -612,3 +612,42 @@ def test_memory_fsspec_url() -> None:
             resolve_files(src("memory://smelt-test/missing"))
     finally:
         fs.rm("/smelt-test", recursive=True)
+
+
+class _ConnectError(Exception):
+    """Stands for a network library's own error type (httpx, botocore): not an OSError."""
+
+
+def _unreachable_fs(*, listing: bool) -> None:
+    """Register ``unreachable://``, a protocol whose server cannot be reached: listing fails, or
+    (``listing=False``) only opening a file does."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Unreachable(MemoryFileSystem):
+        protocol = "unreachable"
+        cachable = False
+
+        def info(self, path: str, **kw: object) -> dict:
+            if listing:
+                raise _ConnectError("[Errno -2] Name or service not known\nretry 1 of 5 ...\n" + "frame\n" * 80)
+            return {"name": path, "size": 10, "type": "file"}
+
+        def _open(self, path: str, *a: object, **kw: object) -> object:
+            raise _ConnectError("[Errno -2] Name or service not known")
+
+    fsspec.register_implementation("unreachable", Unreachable, clobber=True)
+
+
+def test_unreachable_url_is_one_input_error() -> None:
+    _unreachable_fs(listing=True)
+    with pytest.raises(DataInputError) as e:
+        resolve_files(src("unreachable://host/data/x.jsonl"))
+    assert str(e.value) == ("cannot reach input unreachable://host/data/x.jsonl: "
+                            "_ConnectError: [Errno -2] Name or service not known")
+    # listing works but opening does not: the reader raises the same input error
+    _unreachable_fs(listing=False)
+    with pytest.raises(DataInputError, match=r"^cannot reach input unreachable://host/x\.jsonl: _ConnectError: \[Errno"):
+        list(read_documents("unreachable://host/x.jsonl", src("unreachable://host/x.jsonl")))
+    with pytest.raises(DataInputError, match=r"^cannot reach input unreachable://host/x\.json: _ConnectError"):
+        detect_format("unreachable://host/x.json")  # .json is sniffed: opened before any work

@@ -235,8 +235,14 @@ def detect_format(path: str) -> str:
         return fmt
     try:
         sniffed = _sniff_json(path)
+    except DataInputError:
+        raise
     except OSError as e:
         raise DataInputError(f"cannot read {path} to detect its layout: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a remote file's network errors
+        if not _is_url(path):
+            raise
+        raise _remote_error(path, e) from None
     if sniffed is None:
         raise DataInputError(
             f"{path}: a .json input must be SQuAD-style (data[].paragraphs[].context) or JSON "
@@ -383,6 +389,14 @@ def _hidden_rel(rel: str) -> bool:
     return any(p.startswith((".", "_")) for p in parts[:-1]) or is_ignored_name(parts[-1])
 
 
+def _remote_error(url: str, e: BaseException) -> DataInputError:
+    """One sentence for a remote input that cannot be listed or opened. Network stacks (httpx,
+    requests, botocore, aiohttp) raise their own exception types, often with 80-line
+    tracebacks through retry layers; the cause's first line is what a user can act on."""
+    cause = (str(e).strip().splitlines() or [""])[0][:300]
+    return DataInputError(f"cannot reach input {url}: {type(e).__name__}" + (f": {cause}" if cause else ""))
+
+
 def _url_fs(url: str) -> tuple[Any, str]:
     try:
         from fsspec.core import url_to_fs
@@ -391,6 +405,8 @@ def _url_fs(url: str) -> tuple[Any, str]:
     except (ImportError, ValueError) as e:
         raise DataInputError(f"cannot open {url}: {e} (remote protocols need their fsspec "
                              "package, e.g. s3fs for s3://, gcsfs for gs://)") from None
+    except Exception as e:  # noqa: BLE001 - any failure to set up a remote filesystem
+        raise _remote_error(url, e) from None
 
 
 def _resolve_url(src: InputSource) -> list[str]:
@@ -408,6 +424,10 @@ def _resolve_url(src: InputSource) -> list[str]:
             raise DataInputError(f"input path does not exist: {src.path}")
     except PermissionError as e:
         raise DataInputError(f"cannot list input {src.path}: {e}") from None
+    except DataInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network and credential errors of any fsspec backend
+        raise _remote_error(src.path, e) from None
     found = []
     for p, info in hits.items():
         if info.get("type") != "file":
@@ -516,7 +536,10 @@ class _open_input:
         if _is_url(self.path):
             import fsspec
 
-            raw = fsspec.open(self.path, "rb").open()
+            try:
+                raw = fsspec.open(self.path, "rb").open()
+            except Exception as e:  # noqa: BLE001 - network and credential errors of any fsspec backend
+                raise _remote_error(self.path, e) from None
             self._closers.append(raw)
             raw = io.BufferedReader(raw, _READ_BUFFER) if not hasattr(raw, "peek") else raw
         else:
