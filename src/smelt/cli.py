@@ -15,9 +15,12 @@ from smelt.config import Recipe, RecipeError, load_recipe, write_resolved_recipe
 log = logging.getLogger("smelt")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
+    """--set, --quiet, --verbose. Verbs without a recipe to override (``overrides=False``) still
+    parse --set, hidden, so that `_refuse_overrides` can say why it does not apply."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set data.workers=2 (repeatable)")
+                   help="override a recipe value, e.g. --set data.workers=2 (repeatable)" if overrides
+                   else argparse.SUPPRESS)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "logits before it is committed. Continue training with train.init_from.")
     im.add_argument("hf_dir", help="Hugging Face model directory (Llama architecture)")
     im.add_argument("out_dir", help="run directory to create (replaced if it exists)")
-    _common(im)
+    _common(im, overrides=False)
     im.set_defaults(func=cmd_import)
 
     ge = sub.add_parser("generate", help="generate text from a trained model",
@@ -155,18 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
     rp.add_argument("--no-samples", action="store_true", help="do not generate text samples")
     rp.add_argument("--png", default=None, metavar="PATH", help="also write the report's figures as one PNG")
-    _common(rp)
+    _common(rp, overrides=False)
     rp.set_defaults(func=cmd_report)
     # ---- end smelt run / smelt report ----
     return ap
 
 
 def setup_logging(quiet: bool, verbose: bool) -> None:
+    """Log lines and progress bars go to stderr; stdout carries only a command's output (generated
+    text, result tables), so ``smelt generate ... > out.txt`` holds just the text."""
+    import rich
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # Progress bars made without a console (the trainer's) use rich's global one: point it at stderr.
+    rich.reconfigure(stderr=True)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+                        force=True)
 
 
 def prepare_run(recipe: Recipe, source: str | None) -> Path:
@@ -187,8 +197,10 @@ class RichProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
 
+            from rich.console import Console
+
             self.progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn())
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
             self.progress.__enter__()
         return self
 
@@ -365,9 +377,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_overrides(args: argparse.Namespace, why: str) -> None:
+    if args.overrides:
+        raise RecipeError(f"smelt {args.command} takes no --set ({why}); got --set {args.overrides[0]}")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from smelt.report import generate_samples, write_report
 
+    _refuse_overrides(args, "it reports what the run directory recorded; rerun a stage with --set to change it")
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise RecipeError(f"run directory not found: {run_dir}")
@@ -457,6 +475,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from smelt.interop.hf import import_hf
 
+    _refuse_overrides(args, "the recipe it writes comes from the Hugging Face config; override it in the "
+                            "commands that use the imported run")
     try:
         out = import_hf(Path(args.hf_dir), Path(args.out_dir))
     except _interop_errors() as e:
@@ -480,6 +500,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         source = _recipe_or_run(args.recipe, args.overrides)[1] if p.is_file() else p
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    log.info("generate: %s on %s (%s)", source, device, args.dtype)
     try:
         loaded = load_model(source, dtype=dtype, device=device)
         prompts = args.prompt or [""]
