@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smelt.train.metrics import MetricsWriter, Throughput, measure_matmul_tflops, memory_gb, peak_flops, read_metrics
+from smelt.train import metrics
+from smelt.train.metrics import (MetricsWriter, MfuMeter, Throughput, measure_matmul_tflops, memory_gb, peak_flops,
+                                 read_metrics)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -86,3 +88,48 @@ def test_peaks_and_memory() -> None:
     measure_matmul_tflops("bf16", "cpu", n=128, min_seconds=0.01)
     assert torch.equal(state, torch.get_rng_state())  # never perturbs the training RNG
     assert 0.001 < memory_gb(torch.device("cpu")) < 1024
+
+
+def test_refresh_never_lowers_the_measured_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = ("cpu", "fp32", torch.get_num_threads())
+    monkeypatch.setitem(metrics._measured, key, 1e-6)  # a measurement taken under heavy load
+    assert measure_matmul_tflops("fp32", "cpu", n=128, min_seconds=0.01) == 1e-6  # cached
+    fresh = measure_matmul_tflops("fp32", "cpu", n=128, min_seconds=0.01, refresh=True)
+    assert fresh > 1e-6 and metrics._measured[key] == fresh
+    monkeypatch.setitem(metrics._measured, key, 1e6)
+    assert measure_matmul_tflops("fp32", "cpu", n=128, min_seconds=0.01, refresh=True) == 1e6
+
+
+def test_mfu_is_never_above_one_and_a_low_measured_peak_is_raised(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The start-up probe ran while the cores were busy (1 TFLOP/s); re-measuring finds 1.5.
+    calls: list[bool] = []
+
+    def fake(precision: str, device: object, *a: object, refresh: bool = False, **kw: object) -> float:
+        calls.append(refresh)
+        return 1.5 if refresh else 1.0
+
+    monkeypatch.setattr(metrics, "measure_matmul_tflops", fake)
+    meter = MfuMeter("fp32", torch.device("cpu"), world=2)
+    assert meter.measured and meter.peak == 2e12 and calls == [False]
+    assert meter(1e12) == pytest.approx(0.5)
+    with caplog.at_level("INFO", logger="smelt.train.metrics"):
+        assert meter(2.4e12) == pytest.approx(2.4 / 3.0)  # above 2 TFLOP/s: re-measured, peak 2 x 1.5
+        assert calls == [False, True] and meter.peak == pytest.approx(3e12)
+        assert meter(5e12) == 1.0  # above the re-measured peak too: the peak becomes what was achieved
+        assert meter.peak == pytest.approx(5e12) and meter(4e12) == pytest.approx(0.8)
+        for _ in range(5):
+            assert meter(1e13) == 1.0
+    assert calls.count(True) == 3  # at most max_remeasures probes, then only raised
+    assert sum("above the measured" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_mfu_with_a_configured_peak_is_clamped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    meter = MfuMeter("bf16", torch.device("cpu"), peak_tflops=1.0)
+    assert not meter.measured and meter.peak == 1e12
+    with caplog.at_level("WARNING", logger="smelt.train.metrics"):
+        assert meter(0.25e12) == pytest.approx(0.25)
+        assert [meter(x) for x in (2e12, 3e12, 0.5e12)] == [1.0, 1.0, pytest.approx(0.5)]
+    assert meter.peak == 1e12  # a configured peak is the user's: not changed
+    warnings = [r for r in caplog.records if "train.peak_tflops" in r.message]
+    assert len(warnings) == 1 and "100%" in warnings[0].message
