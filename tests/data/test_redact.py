@@ -20,9 +20,12 @@ from smelt.data.steps.redact import (
     Redactor,
     card_scheme,
     cn_id_valid,
+    iban_valid,
     luhn_valid,
     remove_boilerplate,
+    ssn_valid,
 )
+from tests.data.pii_evalset import build, score
 
 
 def nonzero(counts: dict[str, int]) -> dict[str, int]:
@@ -87,6 +90,41 @@ TRUE_POSITIVES = [
     ("v6 2408:8207:2410:3c40:1d5b:9e5a:8b4c:7f01 seen", "v6 <IP> seen", {"ip": 1}),
     ("v6 2a03:2880:f12f:83:face:b00c:0:25de.", "v6 <IP>.", {"ip": 1}),
     ("mapped ::ffff:23.45.67.89", "mapped ::ffff:<IP>", {"ip": 1}),
+    ("full 2a03:2880:f12f:0083:face:b00c:0000:25de here", "full <IP> here", {"ip": 1}),
+    ("any block 7e2c:9ab3:1f:22:abcd:1:2:3.", "any block <IP>.", {"ip": 1}),
+    ("upper 2408:8207:2410:3C40:1D5B:9E5A:8B4C:7F01 ok", "upper <IP> ok", {"ip": 1}),
+    ("compressed 2001:470:1f0b::1 and 2a00:1450:4001:81c::200e", "compressed <IP> and <IP>", {"ip": 2}),
+    # national phone formats (libphonenumber), with and without +CC, and extensions
+    ("UK mobile 07700 900123 or +44 7700 900123", "UK mobile <PHONE> or <PHONE>", {"phone": 2}),
+    ("UK 07911 123 456, London 020 7946 0958, Manchester (0161) 496 0123", "UK <PHONE>, London <PHONE>, Manchester <PHONE>",
+     {"phone": 3}),
+    ("AU 0491 570 156 and (02) 9123 4567", "AU <PHONE> and <PHONE>", {"phone": 2}),
+    ("FR 06 12 34 56 78, 01.23.45.67.89, +33 6 12 34 56 78", "FR <PHONE>, <PHONE>, <PHONE>", {"phone": 3}),
+    ("DE Tel. 030 12345678, Handy 0151 23456789", "DE Tel. <PHONE>, Handy <PHONE>", {"phone": 2}),
+    ("BR (11) 91234-5678 ou (011) 3456-7890 ou 21 98765-4321", "BR <PHONE> ou <PHONE> ou <PHONE>", {"phone": 3}),
+    ("IN 98765 43210, 098765 43210, +91 98765 43210", "IN <PHONE>, <PHONE>, <PHONE>", {"phone": 3}),
+    ("JP 090-1234-5678, ES 612 345 678", "JP <PHONE>, ES <PHONE>", {"phone": 2}),
+    ("dial 0044 20 7946 0958 or 001-415-555-0132", "dial <PHONE> or <PHONE>", {"phone": 2}),
+    ("US 415-555-0132x123, (415) 555-0132 ext. 42.", "US <PHONE>, <PHONE>.", {"phone": 2}),
+    ("手机14512345678、16612345678、17912345678、14412345678", "手机<PHONE>、<PHONE>、<PHONE>、<PHONE>", {"phone": 4}),
+    # cards of every network
+    ("Maestro 6759 6498 2643 8453 and 501800000009", "Maestro <BANK_CARD> and <BANK_CARD>", {"bank_card": 2}),
+    ("Maestro19 6304000000000000000, UK 6761 0000 0000 0000 001", "Maestro19 <BANK_CARD>, UK <BANK_CARD>",
+     {"bank_card": 2}),
+    ("JCB 3566 0020 2036 0505, 213100000000001, 180000000000002", "JCB <BANK_CARD>, <BANK_CARD>, <BANK_CARD>",
+     {"bank_card": 3}),
+    ("Diners 3056 930902 5904, 38520000023237", "Diners <BANK_CARD>, <BANK_CARD>", {"bank_card": 2}),
+    ("Discover 6011 0009 9013 9424, 6445644564456445", "Discover <BANK_CARD>, <BANK_CARD>", {"bank_card": 2}),
+    ("Amex bare 340265470614635", "Amex bare <BANK_CARD>", {"bank_card": 1}),  # not a 15-digit legacy ID
+    # US social security numbers
+    ("SSN 536-22-1234, 536 22 1234.", "SSN <SSN>, <SSN>.", {"ssn": 2}),
+    ("SSN: 536221234 on the form", "SSN: <SSN> on the form", {"ssn": 1}),
+    ("社会安全号 001-01-0001", "社会安全号 <SSN>", {"ssn": 1}),
+    # IBAN (ISO 13616), printed and compact
+    ("IBAN DE89 3704 0044 0532 0130 00.", "IBAN <IBAN>.", {"iban": 1}),
+    ("GB82WEST12345698765432 / GB82 WEST 1234 5698 7654 32", "<IBAN> / <IBAN>", {"iban": 2}),
+    ("收款账户：NL91ABNA0417164300，FR14 2004 1010 0505 0001 3M02 606。", "收款账户：<IBAN>，<IBAN>。", {"iban": 2}),
+    ("IT60 X054 2811 1010 0000 0123 456 and NO93 8601 1117 947", "<IBAN> and <IBAN>", {"iban": 2}),
 ]
 
 DECOYS = [
@@ -114,7 +152,7 @@ DECOYS = [
     "Price $1,299.99 or ¥12,345,678; in 2023 revenue was 15000000000 yuan.",
     "售价12,345元，总投资15000000000元，增长3.5%。",
     "pi = 3.14159265358979, e = 2.718281828459045",
-    "Call 555-0132 or 12345 or 123-456-7890; 138001380 is too short; 14412345678 is not allocated.",
+    "Call 555-0132 or 12345 or 123-456-7890; 138001380 is too short; 12012345678 has no mobile prefix.",
     "电话 1380013 8000 与 13800138000123 都不是手机号",
     "Score +15000000000 and +1 vote and +5 10",
     # private / special addresses and non-addresses
@@ -126,6 +164,18 @@ DECOYS = [
     # URLs are kept verbatim, whatever they contain
     "See https://example.com/user/13800138000 and http://23.45.67.89/x and https://medium.com/@john.doe/post.",
     "网址：https://www.example.cn/item/202311251234567890.html，www.example.com/u/13800138000",
+    # SSN shapes the SSA never issues, and the two voided numbers
+    "Invalid: 000-12-3456, 666-12-3456, 912-34-5678, 536-00-1234, 536-22-0000, 078-05-1120, 219-09-9999.",
+    "Example SSN 123-45-6789 and zip+4 94105-1234; bare 536221234 without a keyword.",
+    # IBANs with a wrong checksum or length
+    "IBAN DE89 3704 0044 0532 0130 01 (bad check) and GB82 WEST 1234 5698 7654 3 (short).",
+    # national-number look-alikes: dates, ISBN-10, references, sections, decimals
+    "ISBN 0-306-40615-2, order no. 0123456789, ref 0491570156, invoice #07700900123.",
+    "Dates 25.11.2023, 11/25/2023 14:30:00, time 0.9468822170900693 s, coordinates 37.7749, -122.4194.",
+    "Build 10.0.19045.3693, pages 1234-1256, CAS 7732-18-5, 2003-2007 and 1958–1965.",
+    "UUID 123e4567-e89b-12d3-a456-426614174000, timestamp 1700000000123, EAN 0 12345 67890 5.",
+    "统一社会信用代码91350100M000100Y43，邮编100871，发票号码04400123456789。",
+    "A Maestro-prefixed 12-digit tail: 4467 5641 0800 3273 fails Luhn as a whole.",
 ]
 
 
@@ -237,10 +287,10 @@ MIXED_ZH_OUT = (
 def test_mixed_documents() -> None:
     out, got = redact_text(MIXED_EN)
     assert out == MIXED_EN_OUT
-    assert got == {"email": 1, "phone": 1, "id_card": 0, "bank_card": 1, "ip": 1, "boilerplate": 1}
+    assert got == {"email": 1, "phone": 1, "id_card": 0, "bank_card": 1, "ip": 1, "ssn": 0, "iban": 0, "boilerplate": 1}
     out, got = redact_text(MIXED_ZH)
     assert out == MIXED_ZH_OUT
-    assert got == {"email": 1, "phone": 1, "id_card": 1, "bank_card": 1, "ip": 0, "boilerplate": 1}
+    assert got == {"email": 1, "phone": 1, "id_card": 1, "bank_card": 1, "ip": 0, "ssn": 0, "iban": 0, "boilerplate": 1}
 
 
 ALL_INPUTS = ([t for t, _, _ in TRUE_POSITIVES] + DECOYS + [t for t, _, _ in BOILERPLATE] + NOT_BOILERPLATE
@@ -272,8 +322,8 @@ def test_disabled_type_still_protects_its_span() -> None:
 
 
 def test_unknown_type_rejected() -> None:
-    with pytest.raises(ValueError, match=r"unknown PII type\(s\) \['ssn'\]; allowed: \['email', 'phone'"):
-        Redactor(types=["email", "ssn"])
+    with pytest.raises(ValueError, match=r"unknown PII type\(s\) \['passport'\]; allowed: \['email', 'phone'"):
+        Redactor(types=["email", "passport"])
 
 
 def test_validators() -> None:
@@ -299,6 +349,24 @@ def test_validators() -> None:
     assert cn_id_valid("110105491231002")  # 15-digit legacy: 1949-12-31
     assert not cn_id_valid("110105491331002")  # month 13
     assert not cn_id_valid("1101054912310")
+    # networks beyond Visa / Mastercard / Amex / UnionPay, lengths included
+    assert card_scheme("6759649826438453") == "maestro" and card_scheme("501800000009") == "maestro"
+    assert card_scheme("5018000000000000009") == "maestro" and card_scheme("50180000009") is None
+    assert card_scheme("213100000000001") == "jcb" and card_scheme("180000000000002") == "jcb"
+    assert card_scheme("2131000000000000") is None  # the 2131/1800 JCBs have 15 digits
+    assert card_scheme("38520000023237") == "diners" and card_scheme("6445644564456445") == "discover"
+    # SSA rules
+    assert ssn_valid("536221234") and ssn_valid("001010001") and ssn_valid("899999999")
+    for bad in ("000221234", "666221234", "900221234", "999221234", "536001234", "536220000", "078051120",
+                "219099999", "123456789", "53622123", "53622123a"):
+        assert not ssn_valid(bad), bad
+    # ISO 13616: registry length and mod 97
+    for good in ("DE89370400440532013000", "GB82WEST12345698765432", "NL91ABNA0417164300", "NO9386011117947",
+                 "FR1420041010050500013M02606", "MT84MALT011000012345MTLCAST001S"):
+        assert iban_valid(good), good
+    assert not iban_valid("DE89370400440532013001")  # check digits
+    assert not iban_valid("DE8937040044053201300")  # length for DE is 22
+    assert not iban_valid("XX89370400440532013000")  # no such country
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +403,8 @@ def test_step_respects_config() -> None:
 
 def test_step_default_config_and_idempotent_rerun() -> None:
     step = PIIRedactor()
-    assert step.redactor.types == frozenset(ALL_TYPES) and step.redactor.boilerplate
+    # PIIConfig.types (smelt.config) lists its own defaults; the step follows the config.
+    assert step.redactor.types == frozenset(PIIConfig().types) and step.redactor.boilerplate
     doc = Document("d", MIXED_EN)
     step(doc)
     meta = dict(doc.meta["pii"])
@@ -379,6 +448,40 @@ def test_large_document_counts_scale() -> None:
     text = "\n".join([MIXED_ZH] * 300)
     out, got = redact_text(text)
     assert out == "\n".join([MIXED_ZH_OUT] * 300)
-    assert got == {"email": 300, "phone": 300, "id_card": 300, "bank_card": 300, "ip": 0, "boilerplate": 300}
+    assert got == {"email": 300, "phone": 300, "id_card": 300, "bank_card": 300, "ip": 0, "ssn": 0, "iban": 0,
+                   "boilerplate": 300}
     obf = " ".join(["mail john [at] example [dot] com"] * 40)
     assert redact_text(obf) == (" ".join(["mail <EMAIL>"] * 40), {**dict.fromkeys(COUNT_KEYS, 0), "email": 40})
+
+
+# --------------------------------------------------------------------------------------------
+# the generated evaluation set (tests/data/pii_evalset.py)
+
+
+def test_evalset_recall_and_decoys() -> None:
+    # Seeded sentences in English and Chinese, every type and format; figures in the README.
+    sc = score(lambda t: redact_text(t)[0], build(seed=0))
+    assert sum(sc.pii.values()) > 1000 and sum(sc.decoys.values()) > 600
+    assert set(sc.pii) == set(ALL_TYPES)
+    assert sc.recall >= 0.99, sc.misses[:10]
+    assert sc.decoys_kept >= 0.95, sc.broken[:10]
+    for typ, n in sc.pii.items():
+        assert sc.caught[typ] / n >= 0.97, (typ, [m for m in sc.misses if typ in m[0]][:5])
+
+
+def test_evalset_is_seeded() -> None:
+    assert [e.text for e in build(seed=3, per_format=2)] == [e.text for e in build(seed=3, per_format=2)]
+    assert [e.text for e in build(seed=3, per_format=2)] != [e.text for e in build(seed=4, per_format=2)]
+
+
+def test_phone_library_runs_only_on_phone_shaped_spans(monkeypatch) -> None:
+    # libphonenumber costs ~0.1 ms per region: prose, dates, years and Chinese numbers never reach it.
+    import smelt.data.steps.redact as rd
+
+    calls = []
+    monkeypatch.setattr(rd, "_find_phone_lib", lambda *a: calls.append(a[1]))
+    for text in DECOYS[:4] + ["手机13800138000", "In 1958-1965 and 2003-2007 the 2023-11-25 figure was 12,345,678."]:
+        redact_text(text)
+    assert calls == []
+    redact_text("Call 0491 570 156.")
+    assert calls == [5]
