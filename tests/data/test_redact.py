@@ -176,6 +176,7 @@ DECOYS = [
     "UUID 123e4567-e89b-12d3-a456-426614174000, timestamp 1700000000123, EAN 0 12345 67890 5.",
     "统一社会信用代码91350100M000100Y43，邮编100871，发票号码04400123456789。",
     "A Maestro-prefixed 12-digit tail: 4467 5641 0800 3273 fails Luhn as a whole.",
+    "digits = '0123456789'; hexdigits = '0123456789abcdef'",
 ]
 
 

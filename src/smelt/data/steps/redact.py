@@ -719,18 +719,29 @@ def _phone_regions(text: str, s: int, span: str, nd: int) -> tuple[str, ...]:
     elif first.startswith("00") and first[2:3] != "0" and lead != "(" and 10 <= nd <= 17:
         regions = ("GB",)
     elif first[0] == "0" and len(first) >= 2 and 9 <= nd <= 13:
+        if len(groups) == 1 and (span in "01234567890" or span in "09876543210"):
+            return ()  # "0123456789": a digit alphabet in code, not a number
         regions = _TRUNK_REGIONS
     elif first[0] == "0":
         return ()
     elif lead == "(" and len(first) == 2 and span[2] == ")" and 10 <= nd <= 11:
         regions = ("BR",)
-    elif 9 <= nd <= 11 and 2 <= len(groups) <= 4 and len(first) >= 2:
+    elif 9 <= nd <= 11 and 2 <= len(groups) <= 4 and min(map(len, groups)) >= 2 and "(" not in span:
         return () if _NOT_PHONE_BEFORE.search(text, max(0, s - 24), s) else _GROUPED_REGIONS
     else:
         return ()
     if _NOT_PHONE_BEFORE.search(text, max(0, s - 24), s):
         return ()
     return regions
+
+
+def _valid_national(phonenumbers, digits: str, region: str) -> bool:  # type: ignore[no-untyped-def]
+    """`digits` (a trunk "0" included, if any) is a valid national number of `region`."""
+    if digits[0] == "0" and region != "IT":  # Italy keeps its 0 in the national number
+        digits = digits[1:]
+    num = phonenumbers.PhoneNumber(country_code=phonenumbers.country_code_for_region(region),
+                                   national_number=int(digits), italian_leading_zero=digits[0] == "0" or None)
+    return phonenumbers.is_valid_number_for_region(num, region)
 
 
 def _find_phone_lib(text: str, s: int, e: int, regions: tuple[str, ...], out: list[Span]) -> None:
@@ -743,12 +754,17 @@ def _find_phone_lib(text: str, s: int, e: int, regions: tuple[str, ...], out: li
     """
     import phonenumbers  # deferred: ~15 ms, and only text with national-format numbers needs it
 
+    leniency = (phonenumbers.Leniency.EXACT_GROUPING if regions is _GROUPED_REGIONS
+                else phonenumbers.Leniency.VALID)
+    if len(regions) > 1:
+        # Pre-check: the span's digits as a national number of each region (~7 µs a region, against
+        # ~100 µs for a matcher); the matcher then runs only where the whole number is valid.
+        digits = text[s:e].translate(_SPAN_DROP)
+        regions = tuple(r for r in regions if _valid_national(phonenumbers, digits, r))
     # The window starts two characters early (the matcher checks what precedes a number, and a
     # bracketed area code opens before the span) and runs on for an extension.
     w0 = max(0, s - 2)
     window = text[w0:min(len(text), e + 16)]
-    leniency = (phonenumbers.Leniency.EXACT_GROUPING if regions is _GROUPED_REGIONS
-                else phonenumbers.Leniency.VALID)
     best: tuple[int, int] | None = None
     for region in regions:
         for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=leniency):
@@ -949,8 +965,9 @@ def _cached(types: frozenset[str], boilerplate: bool) -> Redactor:
 def redact_text(text: str, types: Iterable[str] = ALL_TYPES, boilerplate: bool = True) -> tuple[str, dict[str, int]]:
     """Replace PII by typed tokens (and remove repost boilerplate); return (text, counts by type).
 
-    >>> redact_text("写信到 zhangsan@163.com 或致电 138-0013-8000。")
-    ('写信到 <EMAIL> 或致电 <PHONE>。', {'email': 1, 'phone': 1, 'id_card': 0, 'bank_card': 0, 'ip': 0, 'boilerplate': 0})
+    >>> redact_text("写信到 zhangsan@163.com 或致电 138-0013-8000。")  # doctest: +NORMALIZE_WHITESPACE
+    ('写信到 <EMAIL> 或致电 <PHONE>。', {'email': 1, 'phone': 1, 'id_card': 0, 'bank_card': 0, 'ip': 0, 'ssn': 0,
+     'iban': 0, 'boilerplate': 0})
     """
     return _cached(frozenset(types), boilerplate).redact(text)
 
