@@ -11,7 +11,7 @@ of the stage before it, so that redoing any stage invalidates everything after i
 
 ``runs/<name>/run.json`` (format version 1) records, per stage::
 
-    status        complete | running | failed | unavailable | not_configured
+    status        complete | running | failed | interrupted | unavailable | not_configured
     key           the stage key it completed with
     action        ran | up to date | resumed | skipped   (what the last `smelt run` did)
     started_at, ended_at, duration_s   of the last execution that did work
@@ -23,7 +23,16 @@ completion marker is on disk (data/manifest.json, tokenizer/stats.json, tokens/m
 train/manifest.json, eval/results.json, export/config.json, report.html); otherwise the stage
 function is called, and resumes from its own partial state where it has one (curation task
 markers, packing chunks, training checkpoints). ``from_stage`` redoes that stage and every later
-one; ``only`` redoes just that one.
+one; ``only`` redoes just that one. Redoing never deletes: a stage that starts over moves its
+previous output aside (``train.prev-1/``, ``data.prev-1/``, ...), and ``run.json``'s
+``set_aside`` lists those copies. Training resumes (rather than restarts) when only keys that do
+not change the steps already taken differ (``smelt.train.trainer.RESUMABLE_TRAIN_KEYS``), and
+stops with the differing keys otherwise; the train stage is complete only while its final
+checkpoint verifies by content.
+
+One writer at a time: `run` holds ``runs/<name>/.smelt.lock`` (`smelt.fsutil.run_lock`) for its
+whole duration. Disk-full and permission errors end the stage as "failed" with one sentence
+naming the path (`smelt.fsutil.describe_os_error`); Ctrl-C ends it as "interrupted".
 
 Stages whose implementation is not in this build (``smelt.eval.runner``,
 ``smelt.interop.hf``) are logged and recorded as ``unavailable``; the report says "stage not run".
@@ -46,7 +55,7 @@ from typing import Any, Protocol
 
 from smelt.config import (Recipe, RecipeError, apply_override, config_hash, parse_recipe, read_recipe_tree,
                           recipe_to_dict, write_resolved_recipe)
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.fsutil import atomic_write_json, describe_os_error, read_json, run_lock, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,10 @@ class LazyProgress:
 
 class StageFailed(RuntimeError):
     """A stage raised; run.json records it and the message names the stage."""
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """A stage stopped cleanly on Ctrl-C (training saved a checkpoint); run.json says "interrupted"."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,17 +368,33 @@ def _train_key(ctx: Ctx) -> str:
                         "tokens": manifest.get("key")})
 
 
+def _train_done(ctx: Ctx) -> bool:
+    """train/manifest.json complete, and the checkpoint it names still verifies by content."""
+    from smelt.train.checkpoint import verify_checkpoint
+
+    if not _marker(ctx, "train/manifest.json"):
+        return False
+    name = read_json(ctx.run_dir / "train" / "manifest.json").get("checkpoint")
+    if not name:
+        return False
+    problem = verify_checkpoint(ctx.run_dir / name)
+    if problem is not None:
+        log.warning("train: the final checkpoint %s no longer verifies (%s); training is not complete: resuming "
+                    "from the newest checkpoint that does", name, problem)
+        return False
+    return True
+
+
 def _train_run(ctx: Ctx) -> dict[str, Any]:
     from smelt.train.trainer import train
 
     if not (ctx.run_dir / "tokens" / "manifest.json").is_file():
         raise RecipeError(f"{ctx.run_dir / 'tokens'} has no manifest (the pack stage has not run)")
-    # Resume an interrupted run of the same configuration; start over when forced or when the
-    # key (configuration or tokens) differs from the one the existing training was started with.
-    resume: bool | None = None
-    if ctx.force or ctx.notes.get("train_key_changed"):
-        resume = False
-    summary = train(ctx.recipe, ctx.run_dir, resume=resume, progress=ctx.progress is not None)
+    # Resume whatever is there (the trainer stops with the differing keys when the recipe changed
+    # what the steps already taken depend on); start over, moving train/ aside, only when asked.
+    summary = train(ctx.recipe, ctx.run_dir, resume=False if ctx.force else None, progress=ctx.progress is not None)
+    if summary.get("interrupted"):
+        raise StageInterrupted(f"training interrupted at step {summary.get('steps')} (checkpoint saved)")
     if not summary.get("complete"):
         raise StageFailed(f"training stopped before train.max_steps: {summary.get('stopped')}")
     return {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "val_loss", "tokens_per_s", "mfu",
@@ -417,7 +446,7 @@ PIPELINE: dict[str, Stage] = {s.name: s for s in [
     Stage("data", _data_key, lambda c: _marker(c, "data/manifest.json"), _data_run, configured=_no_section("data")),
     Stage("tokenizer", _tok_key, _tok_done, _tok_run),
     Stage("pack", _pack_key, lambda c: _marker(c, "tokens/manifest.json"), _pack_run),
-    Stage("train", _train_key, lambda c: _marker(c, "train/manifest.json"), _train_run),
+    Stage("train", _train_key, _train_done, _train_run),
     Stage("eval", lambda c: _section_key(c, "eval"), lambda c: _marker(c, "eval/results.json", ""), _eval_run,
           available=lambda: _module_missing("smelt.eval.runner")),
     Stage("export", lambda c: _section_key(c, "export"), lambda c: _marker(c, "export/config.json", ""), _export_run,
@@ -428,6 +457,19 @@ PIPELINE: dict[str, Stage] = {s.name: s for s in [
 
 # --------------------------------------------------------------------------------------------
 # the driver
+
+
+def _save_state_after_failure(state: RunState) -> None:
+    """Record the failure even on a full disk: run.json is small, so retry a few times (the
+    failed stage's temporary files are removed as its exception unwinds, freeing space)."""
+    for attempt in range(3):
+        try:
+            state.save()
+            return
+        except OSError as e:
+            if attempt == 2:
+                log.error("run: cannot record the failure in %s (%s)", state.path, describe_os_error(e) or e)
+            time.sleep(0.2)
 
 
 def _close(progress: StageProgress | None) -> None:
@@ -453,6 +495,12 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
     _check_stage(only, "--only")
     if from_stage and only:
         raise RecipeError("--from and --only exclude each other")
+    with run_lock(recipe.run_dir, "smelt run"):
+        return _run_locked(recipe, from_stage, only, progress, source)
+
+
+def _run_locked(recipe: Recipe, from_stage: str | None, only: str | None, progress: StageProgress | None,
+                source: str | None) -> dict[str, Any]:
     run_dir = write_resolved_recipe(recipe, source or "the built-in demo")
     if recipe.run.demo != "off":
         from smelt.demo.corpus import build_corpus
@@ -482,8 +530,6 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
         ctx = Ctx(recipe, run_dir, progress, upstream_key=upstream,
                   force=(only == name) or STAGES.index(name) >= forced_from)
         key = config_hash({"stage": stage.key(ctx), "upstream": upstream})
-        if name == "train":
-            ctx.notes["train_key_changed"] = rec.get("key") not in (None, key)
         if not ctx.force and rec.get("status") == "complete" and rec.get("key") == key and stage.done(ctx):
             log.info("%s: up to date, skipping", name)
             rec["action"] = "up to date"
@@ -500,16 +546,23 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
             summary = stage.execute(ctx)
         except BaseException as e:
             _close(progress)
-            rec.update(status="failed", ended_at=_now(), duration_s=round(time.perf_counter() - t0, 3),
-                       error=f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted")
-            state.save()
+            interrupted = isinstance(e, KeyboardInterrupt)
+            disk = describe_os_error(e)
+            rec.update(status="interrupted" if interrupted else "failed", ended_at=_now(),
+                       duration_s=round(time.perf_counter() - t0, 3),
+                       error=(str(e) or "interrupted") if interrupted else disk or f"{type(e).__name__}: {e}")
+            state.data["set_aside"] = set_aside(run_dir)
+            _save_state_after_failure(state)
             if isinstance(e, (RecipeError, KeyboardInterrupt, StageFailed)):
                 raise
             log.debug("%s", traceback.format_exc())
+            if disk is not None:
+                raise StageFailed(f"{name} failed: {disk}") from e
             raise StageFailed(f"{name} failed: {type(e).__name__}: {e}") from e
         _close(progress)
         rec.update(status="complete", ended_at=_now(), duration_s=round(time.perf_counter() - t0, 3),
                    summary=summary)
+        state.data["set_aside"] = set_aside(run_dir)
         if name != "report":
             # the key of what the stage produced (recomputed: e.g. data's files now exist)
             rec["key"] = key = config_hash({"stage": stage.key(ctx), "upstream": upstream})

@@ -40,7 +40,7 @@ from smelt.config import DataConfig, StepConfig, config_hash, recipe_to_dict
 from smelt.data.document import Document
 from smelt.data.executor.local import default_workers, make_pool, run_tasks
 from smelt.data.pipeline import Step, StepStats, mark_rejected
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.fsutil import atomic_write_json, locked, move_aside, read_json
 
 log = logging.getLogger(__name__)
 
@@ -653,6 +653,7 @@ class Progress:
     advance: Callable[[str], None] = lambda phase: None
 
 
+@locked("smelt data", lambda a: a["run_dir"])
 def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
                    progress: Progress | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume, or skip) curation into ``run_dir/data``; return the stats funnel."""
@@ -669,8 +670,8 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     work = data_dir / WORK
     plan_file = work / "plan.json"
     if force or not plan_file.is_file() or read_json(plan_file).get("key") != key:
-        if data_dir.exists():
-            shutil.rmtree(data_dir)  # different inputs/config: earlier partial work is invalid
+        if data_dir.exists():  # other inputs/config (or --force): keep the earlier output, set aside
+            move_aside(data_dir, "data")
         atomic_write_json(plan_file, {"key": key, **plan.to_dict()})
     _remove_stale_temp_files(data_dir)  # left by a killed run; their content is redone
     n_workers = default_workers(workers if workers is not None else cfg.workers)

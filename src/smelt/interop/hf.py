@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.fsutil import atomic_write_json, locked, move_aside, read_json
 from smelt.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -115,8 +115,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temp sibling of ``out_dir``, renamed over it on clean exit, deleted on error."""
+def _staging_dir(out_dir: Path, *, keep_old: bool = False) -> Iterator[Path]:
+    """A temp sibling of ``out_dir``, renamed over it on clean exit, deleted on error.
+
+    ``keep_old``: an existing ``out_dir`` is moved aside (``<name>.prev-N``) instead of deleted."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -127,6 +129,8 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out_dir.exists() and keep_old:
+        move_aside(out_dir, "import")
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         os.replace(out_dir, old)
@@ -529,6 +533,7 @@ def export_hf(loaded_or_model: LoadedModel | nn.Module, tokenizer_path: str | Pa
     return out_dir
 
 
+@locked("smelt export", lambda a: a["run_dir"])
 def export_run(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | None = None,
                out_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Export a run's newest complete checkpoint (or ``checkpoint``) to ``run_dir/export`` (or ``out_dir``).
@@ -639,6 +644,7 @@ def _copy_tokenizer(hf_dir: Path, out: Path) -> bool:
         return False
 
 
+@locked("smelt import", lambda a: a["out_dir"])
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, atol: float = PARITY_ATOL) -> Path:
     """Import an HF Llama directory as a smelt run directory that `load_model` and `smelt train` read.
 
@@ -666,7 +672,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, atol: float = PARITY_A
         raise InteropError(f"{hf_dir}: no {CONFIG_FILE} (not a Hugging Face model directory)")
     cfg, model, config = _hf_model(hf_dir)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", out_dir.name).strip("-") or "imported"
-    with _staging_dir(out_dir) as tmp:
+    with _staging_dir(out_dir, keep_old=True) as tmp:
         recipe = {"name": name, "model": {k: v for k, v in recipe_to_dict(cfg).items() if v is not None}}
         header = f"# imported from {hf_dir} by `smelt import`; the model: section is the source's config.json\n"
         atomic_write_text(tmp / "recipe.yaml", header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))

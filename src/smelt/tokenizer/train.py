@@ -86,7 +86,7 @@ from tokenizers import pre_tokenizers as pre
 
 from smelt.config import TokenizerConfig
 from smelt.data.io import read_shard
-from smelt.fsutil import atomic_write_json, atomic_write_text
+from smelt.fsutil import atomic_write_json, atomic_write_text, locked
 
 log = logging.getLogger(__name__)
 
@@ -501,6 +501,7 @@ def _hf_files(cfg: TokenizerConfig, specials: list[str]) -> tuple[dict[str, Any]
     return config, smap
 
 
+@locked("smelt tokenizer", lambda a: Path(a["out_dir"]).parent)
 def train_tokenizer(cfg: TokenizerConfig, shard_files: dict[str, list[Path]], out_dir: Path, seed: int) -> dict:
     """Train `cfg.kind` on a per-domain budget of the curated shards; write `out_dir`; return stats."""
     out_dir = Path(out_dir)

@@ -108,7 +108,7 @@ import numpy as np
 import xxhash
 
 from smelt.data.executor.local import default_workers, make_pool, marker_path, run_tasks
-from smelt.fsutil import atomic_open, atomic_write_json, read_json
+from smelt.fsutil import atomic_open, atomic_write_json, locked, move_aside, read_json
 from smelt.tokens.shards import HEADER_BYTES, dtype_for_vocab, open_shard, write_shard
 
 if TYPE_CHECKING:  # workers never import the recipe schema (pydantic: ~0.1 s per process start)
@@ -956,6 +956,7 @@ def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_d
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@locked("smelt pack", lambda a: Path(a["out_dir"]).parent)
 def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, list[Path]], out_dir: Path,
                 seed: int, workers: int | None = None, progress: ProgressFn | None = None, *,
                 slice_bytes: int | None = None, force: bool = False) -> dict[str, Any]:
@@ -999,6 +1000,8 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
                 log.info("pack: %s is complete for the same inputs, tokenizer and config; skipping", out_dir)
                 return m
             log.warning("pack: %s: shards listed in the manifest are missing or truncated; packing again", out_dir)
+    if read_manifest(out_dir) is not None:  # a complete earlier result (other inputs, or forced): keep it
+        move_aside(out_dir, "pack")
     (out_dir / "manifest.json").unlink(missing_ok=True)
     work = out_dir / WORK
     plan_file = work / "plan.json"

@@ -24,8 +24,8 @@ is read with ``weights_only=True``. A checkpoint directory therefore never runs 
 
 Atomicity: everything is written into ``step-NNNNNNN.tmp/``, files fsynced, the directory renamed
 to ``step-NNNNNNN/`` (the commit point), then ``latest`` is rewritten atomically and checkpoints
-beyond the newest ``keep`` are deleted. `find_latest` never trusts a name alone: it verifies the
-newest checkpoint (state JSON parses, every recorded file has its recorded size and xxh3-64
+beyond the newest ``keep`` are deleted, except a ``milestone`` (WSD's decay start). `find_latest`
+never trusts a name alone: it verifies the newest checkpoint (state JSON parses, every recorded file has its recorded size and xxh3-64
 checksum, so same-size corruption is caught too, and every byte range in the DCP metadata lies
 inside its file) and falls back to older ones, logging why. Checkpoints written before checksums
 were recorded are verified by size alone.
@@ -458,59 +458,73 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
         tmp.mkdir()
     _barrier()
 
-    optim_ready = _optim_initialized(optimizer)
-    if optim_ready and _is_zero1(optimizer):
-        tensors = {"model": get_model_state_dict(model), "optim": {"state": _zero1_state(model, optimizer)}}
-        groups = _jsonable_groups(optimizer.param_groups)
-    elif optim_ready:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
-        groups = _jsonable_groups(optim_sd["param_groups"])
-    else:
-        # No update applied yet (every step so far was skipped): get_state_dict would initialize
-        # the optimizer state as a side effect (a zero-lr step that sets Adam's step to 1) and so
-        # change the run; save the model alone.
-        tensors = {"model": get_model_state_dict(model)}
-        groups = _jsonable_groups(optimizer.param_groups if _is_zero1(optimizer)
-                                  else optimizer.state_dict()["param_groups"])
-    _only_tensors(tensors, "state")
-    rng_ranks = _gather_rng()
-    with _quiet_single_process():
-        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
-    _barrier()
-
-    if _rank() == 0:
-        state = {
-            "version": VERSION,
-            **trainer_state,
-            "step": step,
-            "rng": capture_rng_state(),
-            "rng_ranks": rng_ranks,
-            "optimizer": {"class": _optim_class(optimizer), "initialized": optim_ready, "param_groups": groups},
-            "saved_at": time.time(),
-        }
-        # Sizes of DCP's files, recorded after they are complete; the JSON itself is not listed.
-        written = [f for f in sorted(tmp.iterdir()) if f.is_file()]
-        state["files"] = {f.name: f.stat().st_size for f in written}
-        state["checksums"] = {f.name: file_checksum(f) for f in written}
-        atomic_write_json(tmp / STATE_FILE, state)
-        for f in tmp.iterdir():  # DCP does not fsync on every filesystem; make the data durable
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (after a rollback): swap, then delete the old one
-            old = directory / (final.name + f".old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        optim_ready = _optim_initialized(optimizer)
+        if optim_ready and _is_zero1(optimizer):
+            tensors = {"model": get_model_state_dict(model), "optim": {"state": _zero1_state(model, optimizer)}}
+            groups = _jsonable_groups(optimizer.param_groups)
+        elif optim_ready:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+            groups = _jsonable_groups(optim_sd["param_groups"])
         else:
-            os.replace(tmp, final)
-        _fsync_dir(directory)
-        atomic_write_text(directory / LATEST_FILE, final.name + "\n")
-        _prune(directory, step, keep)
-        log.info("checkpoint: saved %s in %.2f s", final, time.perf_counter() - t0)
+            # No update applied yet (every step so far was skipped): get_state_dict would initialize
+            # the optimizer state as a side effect (a zero-lr step that sets Adam's step to 1) and so
+            # change the run; save the model alone.
+            tensors = {"model": get_model_state_dict(model)}
+            groups = _jsonable_groups(optimizer.param_groups if _is_zero1(optimizer)
+                                      else optimizer.state_dict()["param_groups"])
+        _only_tensors(tensors, "state")
+        rng_ranks = _gather_rng()
+        with _quiet_single_process():
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        _barrier()
+
+        if _rank() == 0:
+            state = {
+                "version": VERSION,
+                **trainer_state,
+                "step": step,
+                "rng": capture_rng_state(),
+                "rng_ranks": rng_ranks,
+                "optimizer": {"class": _optim_class(optimizer), "initialized": optim_ready, "param_groups": groups},
+                "saved_at": time.time(),
+            }
+            # Sizes of DCP's files, recorded after they are complete; the JSON itself is not listed.
+            written = [f for f in sorted(tmp.iterdir()) if f.is_file()]
+            state["files"] = {f.name: f.stat().st_size for f in written}
+            state["checksums"] = {f.name: file_checksum(f) for f in written}
+            atomic_write_json(tmp / STATE_FILE, state)
+            for f in tmp.iterdir():  # DCP does not fsync on every filesystem; make the data durable
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving a step (after a rollback): swap, then delete the old one
+                old = directory / (final.name + f".old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(directory)
+            atomic_write_text(directory / LATEST_FILE, final.name + "\n")
+            _prune(directory, step, keep)
+            log.info("checkpoint: saved %s in %.2f s", final, time.perf_counter() - t0)
+    except BaseException:
+        # Disk full, permissions, Ctrl-C mid-write: the half-written step is never committed;
+        # remove it so that it does not hold the space (earlier checkpoints are untouched).
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     return final
+
+
+def _milestone(path: Path) -> str | None:
+    try:
+        return read_trainer_state(path).get("milestone")
+    except CheckpointError:
+        return None
 
 
 def _prune(directory: Path, newest: int, keep: int | None) -> None:
@@ -525,10 +539,12 @@ def _prune(directory: Path, newest: int, keep: int | None) -> None:
     if keep is not None:
         kept = [(s, p) for s, p in ckpts if s <= newest]
         for _, path in kept[:-keep] if keep > 0 else kept:
+            if _milestone(path):
+                continue  # e.g. WSD's decay start: a longer run branches from it
             shutil.rmtree(path, ignore_errors=True)
             log.info("checkpoint: removed %s (keep=%d)", path.name, keep)
     for p in directory.iterdir():
-        if p.is_dir() and (p.name.endswith(".tmp") or ".old-" in p.name):
+        if p.is_dir() and (p.name.endswith(".tmp") or ".old-" in p.name):  # never committed
             shutil.rmtree(p, ignore_errors=True)
 
 

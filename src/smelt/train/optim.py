@@ -146,8 +146,7 @@ def lr_at(step: int, cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> flo
         # from the peak at the first step.
         return peak_lr * math.sqrt(max(warmup, 1) / (step + 1))
     if kind == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
-        decay_start = max(warmup, max_steps - decay_steps)
+        decay_start = wsd_decay_start(cfg, max_steps)
         if step < decay_start:
             return peak_lr
         return _linear(step, decay_start, last, peak_lr, min_lr)
@@ -157,6 +156,12 @@ def lr_at(step: int, cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> flo
     if kind == "linear":
         return _linear(step, warmup, last, peak_lr, min_lr)
     raise ValueError(f"train.schedule.kind: unknown schedule {kind!r}")
+
+
+def wsd_decay_start(cfg: ScheduleConfig, max_steps: int) -> int:
+    """WSD: the number of updates done when the decay begins (the last stable-LR checkpoint)."""
+    decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+    return max(min(cfg.warmup_steps, max_steps), max_steps - decay_steps)
 
 
 def _progress(step: int, start: int, end: int) -> float:

@@ -33,7 +33,12 @@ loss scaling (`torch.amp.GradScaler`, CUDA only: CPU has no fast fp16 matmul and
 The loss is always computed in fp32 from the logits.
 
 Run control: with a complete checkpoint in ``train/checkpoints`` the run resumes from it (the
-newest that verifies); ``resume=False`` starts over, ``resume=True`` requires a checkpoint. The
+newest that verifies) when the recipe differs from the checkpoint's only in keys that do not
+change the steps already taken (`RESUMABLE_TRAIN_KEYS`: a longer ``max_steps``, logging, eval and
+checkpoint cadence, threads, compile, ...; `Trainer._schedule_change` says how a new ``max_steps``
+continues the LR schedule) and stops with a RecipeError naming every other differing key;
+``resume=False`` starts over after moving ``train/`` aside to ``train.prev-N/`` (nothing is ever
+deleted), ``resume=True`` requires a checkpoint. The
 run with no checkpoint of its own and ``train.init_from`` set loads only the model weights of that
 checkpoint (a run dir: its newest complete one; e.g. a ``smelt import`` of a Hugging Face model)
 after checking it fits ``recipe.model`` (`check_init_compatible`); optimizer, step, RNG and data
@@ -64,6 +69,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -79,13 +85,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from smelt.config import LoaderConfig, Recipe, RecipeError, TrainConfig, config_hash, recipe_to_dict
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.fsutil import atomic_write_json, locked, move_aside, read_json
 from smelt.model.flops import flops_per_token
 from smelt.tokens.loader import DataExhausted
 from smelt.train import checkpoint as ckpt
 from smelt.train import parallel as par
 from smelt.train.metrics import MetricsWriter, Throughput, memory_gb, peak_flops
-from smelt.train.optim import batch_size_at, build_optimizer, grad_accum_steps, lr_at, set_lr
+from smelt.train.optim import batch_size_at, build_optimizer, grad_accum_steps, lr_at, set_lr, wsd_decay_start
 from smelt.train.stability import StabilityGuard
 
 log = logging.getLogger(__name__)
@@ -243,6 +249,43 @@ def run_config_hash(recipe: Recipe, model_cfg: Any) -> str:
     })
 
 
+# `train:` keys that do not change the steps already taken: a run whose checkpoint differs from
+# the recipe only in these resumes and continues. Logging and evaluation cadence, checkpointing,
+# threads, compile and activation checkpointing never change the mathematics of a step (compile
+# and recomputation agree to rounding); the parallel layout is resharded by DCP on load; the
+# stability guard and max_steps only act on steps still to come (max_steps' effect on the LR
+# schedule is handled on its own: `Trainer._schedule_change`).
+RESUMABLE_TRAIN_KEYS = frozenset({"max_steps", "log_every", "eval_every", "eval_batches", "checkpoint", "threads",
+                                  "compile", "activation_checkpointing", "ac_every", "tensorboard", "peak_tflops",
+                                  "parallel", "stability"})
+
+
+def computation_config(recipe: Recipe, model_cfg: Any, tokens_key: str | None) -> dict[str, Any]:
+    """What the steps already taken depend on: seed, model, loader, token shards and the `train:`
+    keys outside `RESUMABLE_TRAIN_KEYS` (optimizer, schedule shape, batch, precision, ...)."""
+    train = recipe_to_dict(recipe.train or TrainConfig())
+    return {
+        "seed": recipe.seed,
+        "model": recipe_to_dict(model_cfg),
+        "loader": recipe_to_dict(recipe.loader) if recipe.loader is not None else None,
+        "tokens": tokens_key,
+        "train": {k: v for k, v in train.items() if k not in RESUMABLE_TRAIN_KEYS},
+    }
+
+
+def config_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """``key.path: saved -> now`` for every leaf that differs between two JSON trees."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for k in sorted(set(saved) | set(now), key=str):
+            out += config_differences(saved.get(k), now.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if saved != now:
+        name = {"tokens": "tokens/manifest.json key (the packed data)"}.get(prefix, prefix)
+        return [f"{name}: {saved!r} in the checkpoint, {now!r} now"]
+    return []
+
+
 class _StopFlag:
     """Ctrl-C once: finish the step, checkpoint, exit cleanly. Twice: raise KeyboardInterrupt."""
 
@@ -391,8 +434,12 @@ class Trainer:
         self.eval_every = self._in_training_eval_every()
         self.timings = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "startup_s": 0.0}
         self._saved_step: int | None = None
+        self._plain_lines = False
         self._stop = _StopFlag()
         self.config_hash = self._config_hash()
+        self.computation = computation_config(recipe, self.model_cfg, self.tokens_manifest.get("key"))
+        self.moved_aside: Path | None = None
+        self._decay_start = (wsd_decay_start(cfg.schedule, cfg.max_steps) if cfg.schedule.kind == "wsd" else None)
         self._prepare_run_dir(resume)
 
     # ------------------------------------------------------------------ construction
@@ -452,8 +499,21 @@ class Trainer:
                 raise found
             init_path = found
         if resume is False and self.train_dir.exists() and self.rank == 0:
-            log.warning("fresh start requested: removing %s", self.train_dir)
-            shutil.rmtree(self.train_dir)
+            self.moved_aside = move_aside(self.train_dir, "fresh start requested")
+        schedule_note: dict[str, Any] | None = None
+        if latest is not None:
+            # Decided on rank 0 from the JSON state alone (no tensors read yet), then shared, so
+            # an incompatible recipe stops every rank before any work.
+            decision: Any = None
+            if self.rank == 0:
+                try:
+                    decision = self._resume_plan(latest)
+                except RecipeError as e:
+                    decision = e
+            decision = _broadcast_object(decision)
+            if isinstance(decision, BaseException):
+                raise decision
+            latest, schedule_note = Path(decision[0]), decision[1]
         if self.rank == 0:
             self.train_dir.mkdir(parents=True, exist_ok=True)
         _barrier()
@@ -462,8 +522,7 @@ class Trainer:
             self.resumed_from = latest.name
             self.init_from = state.get("init_from")
             if state.get("config_hash") != self.config_hash:
-                log.warning("resuming %s with a different configuration (hash %s, checkpoint %s)", latest.name,
-                            self.config_hash, state.get("config_hash"))
+                log.info("resuming %s: the recipe differs only in keys that do not change the steps taken", latest.name)
             log.info("resuming from %s: step %d, %s tokens", latest, self.step, f"{self.tokens_seen:,}")
             if self.cfg.init_from:
                 log.info("train.init_from (%s) ignored: resuming from this run's own checkpoint %s",
@@ -472,7 +531,107 @@ class Trainer:
             self._init_weights_from(init_path)
         self.metrics = MetricsWriter(self.train_dir, tensorboard=self.cfg.tensorboard, enabled=self.rank == 0,
                                      resume_step=self.step if latest is not None else None)
+        if schedule_note is not None:
+            self.metrics.write("event", self.step, {"event": "schedule_change", **schedule_note})
         self.timings["startup_s"] += time.perf_counter() - t0
+
+    def _resume_plan(self, latest: Path) -> tuple[str, dict[str, Any] | None]:
+        """Check that ``latest`` was made by the same computation as this recipe, and decide how a
+        changed ``train.max_steps`` continues the LR schedule. Returns the checkpoint to resume
+        from (a WSD extension may pick an earlier one) and the schedule change to record.
+
+        RecipeError when a key that shaped the steps already taken differs (naming every one)."""
+        state = ckpt.read_trainer_state(latest)
+        saved = state.get("computation")
+        if saved is None:  # written before this check existed: the hash is all there is
+            if state.get("config_hash") != self.config_hash:
+                log.warning("resuming %s, whose configuration differs from this recipe's (hash %s, checkpoint %s); "
+                            "it predates per-key checks", latest.name, self.config_hash, state.get("config_hash"))
+        else:
+            diffs = config_differences(saved, _jsonable(self.computation))
+            if diffs:
+                raise RecipeError(
+                    f"{self.train_dir} holds a run made with different settings (at {latest.name}):\n"
+                    + "\n".join(f"  {d}" for d in diffs[:20])
+                    + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+                    + "\nThese change the training already done, so it cannot continue. Restore them to resume, or "
+                    "start over with `smelt run --from train` (or `smelt train --no-resume`): the existing "
+                    f"{self.train_dir.name}/ is moved aside, not deleted.")
+        step = int(state["step"])
+        old_max = int((state.get("schedule") or {}).get("max_steps") or self.cfg.max_steps)
+        new_max = self.cfg.max_steps
+        if step > new_max:
+            raise RecipeError(f"invalid recipe:\n  train.max_steps: {new_max} is below the {step} steps this run has "
+                              f"already taken ({latest}); raise it, or start over with `smelt run --from train`")
+        if old_max == new_max:
+            return str(latest), None
+        return self._schedule_change(latest, step, old_max, new_max)
+
+    def _schedule_change(self, latest: Path, step: int, old_max: int,
+                         new_max: int) -> tuple[str, dict[str, Any] | None]:
+        """How a run with a changed ``train.max_steps`` continues its LR schedule.
+
+        - When the new schedule gives every step already taken the LR it had (constant and
+          inverse-sqrt schedules, WSD still in its stable phase, warmup), the run continues exactly
+          as if the new length had been asked for from the start.
+        - WSD past its decay start: the point of WSD (Hagele et al. 2024) is to continue the stable
+          phase and decay later. The run goes back to the checkpoint saved at the old decay start
+          (kept for this purpose) and continues at the peak LR; the decayed checkpoints and the
+          metrics of that branch move to ``train/branches/max_steps-<old>/``, nothing is deleted.
+          Without that checkpoint it continues from the newest one on the new schedule.
+        - Cosine and linear: a new schedule length. The remaining steps follow the schedule for
+          ``new_max`` from the current step; the LR jumps from the old curve to the new one there
+          (logged, and recorded as a ``schedule_change`` event), since the steps already taken
+          cannot be redone on the new curve.
+        """
+        sched, peak = self.cfg.schedule, self.cfg.optim.lr
+        note: dict[str, Any] = {"max_steps_before": old_max, "max_steps": new_max, "step": step}
+        same = all(math.isclose(lr_at(s, sched, old_max, peak), lr_at(s, sched, new_max, peak), rel_tol=1e-12)
+                   for s in range(step))
+        if same:
+            log.info("train.max_steps %d -> %d: the steps taken had the same LR under the new schedule; continuing "
+                     "from step %d exactly as a %d-step run", old_max, new_max, step, new_max)
+            return str(latest), {**note, "how": "continued"}
+        if sched.kind == "wsd":
+            start = wsd_decay_start(sched, old_max)
+            branch = [(s, p) for s, p in ckpt.list_checkpoints(self.ckpt_dir) if s <= start]
+            if branch and all(math.isclose(lr_at(s, sched, old_max, peak), lr_at(s, sched, new_max, peak),
+                                           rel_tol=1e-12) for s in range(branch[-1][0])):
+                b_step, b_path = branch[-1]
+                if ckpt.verify_checkpoint(b_path) is None:
+                    moved = self._branch_aside(b_step, old_max)
+                    log.warning("train.max_steps %d -> %d (WSD): continuing the stable phase from %s (the old decay "
+                                "started at step %d); the decayed branch (%d checkpoints, its metrics) moved to %s",
+                                old_max, new_max, b_path.name, start, len(moved), self._branch_dir(old_max))
+                    return str(b_path), {**note, "how": "wsd_branch", "from_step": b_step,
+                                         "branch": str(self._branch_dir(old_max).relative_to(self.run_dir))}
+            log.warning("train.max_steps %d -> %d (WSD): no checkpoint from before the old decay start (step %d) to "
+                        "branch from; continuing from step %d on the new schedule", old_max, new_max, start, step)
+        lr_old, lr_new = lr_at(step, sched, old_max, peak), lr_at(step, sched, new_max, peak)
+        log.warning("train.max_steps %d -> %d (%s schedule): the remaining steps follow a %d-step schedule; the LR "
+                    "at step %d goes from %.3g (old schedule) to %.3g", old_max, new_max, sched.kind, new_max, step,
+                    lr_old, lr_new)
+        return str(latest), {**note, "how": "new_length", "lr_before": lr_old, "lr_after": lr_new}
+
+    def _branch_dir(self, old_max: int) -> Path:
+        return self.train_dir / "branches" / f"max_steps-{old_max}"
+
+    def _branch_aside(self, from_step: int, old_max: int) -> list[Path]:
+        """Move checkpoints after ``from_step`` and copies of the metrics and manifest into the
+        branch directory (renames: nothing is deleted)."""
+        dest = self._branch_dir(old_max)
+        while dest.exists():
+            dest = dest.with_name(dest.name + "+")
+        (dest / "checkpoints").mkdir(parents=True)
+        moved = []
+        for s, p in ckpt.list_checkpoints(self.ckpt_dir):
+            if s > from_step:
+                os.replace(p, dest / "checkpoints" / p.name)
+                moved.append(p)
+        for name in ("metrics.jsonl", "manifest.json"):
+            if (self.train_dir / name).is_file():
+                shutil.copy2(self.train_dir / name, dest / name)
+        return moved
 
     # ------------------------------------------------------------------ state
 
@@ -491,6 +650,7 @@ class Trainer:
             "last_loss": self.last_loss,
             "init_from": self.init_from,
             "config_hash": self.config_hash,
+            "computation": _jsonable(self.computation),
             "world": self.world,
             "parallel": self.dims.describe(),
         }
@@ -541,8 +701,11 @@ class Trainer:
 
     def save(self) -> Path:
         t0 = time.perf_counter()
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                                    keep=self.cfg.checkpoint.keep)
+        # WSD's decay-start checkpoint is kept whatever checkpoint.keep says: a longer run
+        # branches from it (`_schedule_change`).
+        milestone = "wsd_decay_start" if self.step == self._decay_start else None
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                    {**self._trainer_state(), "milestone": milestone}, keep=self.cfg.checkpoint.keep)
         self._saved_step = self.step
         self.timings["checkpoint_s"] += time.perf_counter() - t0
         return path
@@ -904,7 +1067,8 @@ class Trainer:
                         self.evaluate()
                     if self.eval_every and self.step % self.eval_every == 0 and self.step < cfg.max_steps:
                         self.evaluate_in_training()
-                    if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
+                    if (self.step % cfg.checkpoint.every == 0 or self.step == self._decay_start) \
+                            and self.step < cfg.max_steps:
                         self.save()
             self.timings["train_s"] += throughput.read()[1]
             if self.step >= cfg.max_steps:
@@ -1036,10 +1200,18 @@ class Trainer:
         if r["action"] != "ok":
             rec["action"] = r["action"]
         self.metrics.write("train", self.step, rec)
+        if self._plain_lines and self.rank == 0:
+            left = (self.cfg.max_steps - self.step) * r["tokens"] / rate if rate > 0 else None
+            log.info("step %d/%d  loss %.4f  lr %.3g  grad_norm %.3f  %s tok/s  MFU %.1f%%  ETA %s", self.step,
+                     self.cfg.max_steps, r["loss"], r["lr"], r["grad_norm"], f"{rate:,.0f}", 100 * mfu,
+                     _duration(left))
 
     @contextlib.contextmanager
     def _progress_bar(self) -> Iterator[Callable[[int, float | None, float], None]]:
-        if not self.progress or self.rank != 0:
+        # A live bar only where a person watches a terminal; under torchrun, SLURM, `| tee` or a
+        # file it would show its last frame only, so `_log_step` prints one line per log_every.
+        self._plain_lines = not (self.progress and self.rank == 0 and _is_terminal())
+        if self._plain_lines:
             yield lambda step, loss, rate: None
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -1152,6 +1324,23 @@ class _PipelineLoss:
         return row_loss, row_count, torch.stack(self.z).sum()
 
 
+def _is_terminal() -> bool:
+    """Whether log output (stderr) is a terminal a person watches."""
+    import sys
+
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def _broadcast_object(obj: Any) -> Any:
     """Rank 0's value on every rank (identity in one process)."""
     import torch.distributed as dist
@@ -1182,11 +1371,13 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+@locked("smelt train", lambda a: a["run_dir"])
 def train(recipe: Recipe, run_dir: Path, resume: bool | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; returns the summary written to train/manifest.json.
 
-    ``resume``: None resumes when a complete checkpoint exists, True requires one, False starts
-    over (removing ``run_dir/train``). A run whose manifest is complete for the same
+    ``resume``: None resumes when a complete checkpoint exists (and stops with a RecipeError
+    naming the keys when the recipe changed one that shaped the steps already taken), True
+    requires one, False starts over (moving ``run_dir/train`` aside to ``train.prev-N``). A run whose manifest is complete for the same
     configuration, with its final checkpoint in place, is not touched (DESIGN.md principle 1).
 
     Under torchrun (WORLD_SIZE > 1) the process group is created here (gloo on CPU, NCCL on

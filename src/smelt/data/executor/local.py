@@ -8,7 +8,8 @@ resumes where it stopped and produces the same bytes as an uninterrupted run (ta
 deterministic functions of their index).
 
 Workers are started with ``spawn`` so that no lock or thread of the parent (progress bars,
-loggers) is inherited in a broken state.
+loggers) is inherited in a broken state, and exit when their parent dies (`_exit_with_parent`):
+a ``kill -9`` of ``smelt data`` leaves no orphaned worker holding memory.
 """
 
 from __future__ import annotations
@@ -42,12 +43,39 @@ def marker_path(done_dir: Path, index: int) -> Path:
     return done_dir / f"{index:05d}.json"
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when ``parent`` dies.
+
+    Linux's ``PR_SET_PDEATHSIG`` fires when the thread that forked the worker exits, which in a
+    pool need not be the parent's main thread, so a watchdog thread polls the parent instead
+    (reparenting changes ``getppid()``) and leaves at once with ``os._exit``: a dead parent
+    wants no results."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="smelt-parent-watchdog", daemon=True).start()
+
+
+def new_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawned pool of ``workers`` processes that exit when this process dies."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
 def make_pool(workers: int) -> ProcessPoolExecutor | None:
     """A spawned process pool to share between phases (starting workers costs ~0.3 s each time)."""
     workers = default_workers(workers)
     if workers <= 1:
         return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    return new_pool(workers)
 
 
 def run_tasks(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: Path, workers: int,
@@ -83,7 +111,7 @@ def run_tasks(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: Path,
             finish(i, fn(i))
     elif todo:
         own = pool is None
-        ex = pool or ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        ex = pool or new_pool(workers)
         try:
             pending = {ex.submit(fn, i): i for i in todo}
             while pending:
