@@ -71,6 +71,13 @@ Reject reasons (stable identifiers):
 ``fineweb_list_ratio``            newlines per word > ``new_line_ratio``
 ================================  ==========================================================
 
+Memory. A document is never held as one Python object per word, line or n-gram: tokens are
+numpy arrays (14 bytes per token), built in passes of `_TOKEN_CHUNK` characters cut after a
+whitespace character (exact: no token or URL crosses whitespace); lines and paragraphs are
+visited one at a time and counted as (hash, length) pairs. A step's peak stays within a few
+times the document's size (tests/data/test_heuristics.py checks it); a run of more than
+`_TOKEN_CHUNK` characters without whitespace is tokenized in one pass (~60 bytes per character).
+
 Counters: C4 counts the lines it removes per rule (``lines_removed_too_long_word``,
 ``lines_removed_no_terminal_punct``, ``lines_removed_too_few_words``,
 ``lines_removed_javascript``, ``lines_removed_policy``; blank lines are not counted) and
@@ -82,7 +89,9 @@ from __future__ import annotations
 
 import logging
 import re
+from array import array
 from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,23 +244,33 @@ def _flags(cp: np.ndarray) -> np.ndarray:
     return f
 
 
+# Characters per tokenizing pass: bounds `_latin_tokens`' per-character arrays (~60 bytes per
+# character) to ~4 MB whatever the document's size; a pass costs ~30 numpy calls, so the
+# per-call overhead stays under 5% of the work.
+_TOKEN_CHUNK = 1 << 16
+_WS_RE = re.compile(r"\s")  # str.isspace's characters, as _F_SPACE
+
+
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """_BASE**i and _BASE_INV**i (mod 2**64) for i < n, by doubling."""
+    """_BASE**i and _BASE_INV**i (mod 2**64) for i < n, by doubling. Tables up to twice
+    `_TOKEN_CHUNK` are kept for the next call; longer ones (a long run without whitespace) not."""
     global _POW, _IPOW
-    if len(_POW) < n:
-        size = max(n, 2 * len(_POW), 4096)
-        tables = []
-        for base in (_BASE, _BASE_INV):
-            p = np.empty(size, dtype=np.uint64)
-            p[0] = 1
-            k = 1
-            while k < size:
-                m = min(k, size - k)
-                np.multiply(p[:m], np.uint64(pow(base, k, 1 << 64)), out=p[k : k + m])
-                k += m
-            tables.append(p)
+    if len(_POW) >= n:
+        return _POW, _IPOW
+    size = max(n, 2 * len(_POW), 4096)
+    tables = []
+    for base in (_BASE, _BASE_INV):
+        p = np.empty(size, dtype=np.uint64)
+        p[0] = 1
+        k = 1
+        while k < size:
+            m = min(k, size - k)
+            np.multiply(p[:m], np.uint64(pow(base, k, 1 << 64)), out=p[k : k + m])
+            k += m
+        tables.append(p)
+    if size <= 2 * _TOKEN_CHUNK:
         _POW, _IPOW = tables
-    return _POW, _IPOW
+    return tables[0], tables[1]
 
 
 def _str_hash(s: str) -> int:
@@ -264,7 +283,7 @@ class _Tokens:
     """The token stream of one text, as arrays (one entry per token)."""
 
     hashes: np.ndarray  # uint64, equal for equal tokens (within one text)
-    lens: np.ndarray  # int64 characters
+    lens: np.ndarray  # int32 characters
     is_word: np.ndarray  # bool: word token (else punctuation)
     has_letter: np.ndarray  # bool: contains a letter (Han characters are letters)
     n_symbols: int = 0  # CJK: symbol characters outside the stream (see ZH_PROSE_PUNCTUATION)
@@ -274,10 +293,27 @@ class _Tokens:
 
 
 def _latin_tokens(text: str) -> _Tokens:
+    """The token stream of `text`, in passes of about `_TOKEN_CHUNK` characters, each cut just
+    after a whitespace character. The cut is exact: every rule looks one character to each
+    side, and a whitespace neighbour acts as the text's edge (not a word, joiner or run
+    character; a URL ends before it), so a token's hash does not depend on where it sits."""
+    if len(text) <= _TOKEN_CHUNK:
+        return _latin_piece(text)
+    parts: list[_Tokens] = []
+    a = 0
+    while a < len(text):
+        m = _WS_RE.search(text, a + _TOKEN_CHUNK) if a + _TOKEN_CHUNK < len(text) else None
+        b = m.end() if m else len(text)
+        parts.append(_latin_piece(text[a:b]))
+        a = b
+    return _Tokens(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hashes", "lens", "is_word", "has_letter")))
+
+
+def _latin_piece(text: str) -> _Tokens:
     cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     n = len(cp)
     if n == 0:
-        return _Tokens(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty(0, bool), np.empty(0, bool))
+        return _Tokens(np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, bool), np.empty(0, bool))
     f = _flags(cp)
     word = (f & _F_WORD) != 0
     cjk = (f & _F_CJK) != 0
@@ -318,7 +354,7 @@ def _latin_tokens(text: str) -> _Tokens:
     prefix = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(cp * pw[:n], out=prefix[1:])
     hashes = (prefix[ends] - prefix[starts]) * ipw[starts]
-    return _Tokens(hashes, ends - starts, w[starts] | cjk[starts], letters[ends] > letters[starts])
+    return _Tokens(hashes, (ends - starts).astype(np.int32), w[starts] | cjk[starts], letters[ends] > letters[starts])
 
 
 def _cjk_tokens(text: str) -> _Tokens:
@@ -327,7 +363,7 @@ def _cjk_tokens(text: str) -> _Tokens:
     first_seen: dict[str, int] = {}
     # a token's id (its first position) stands in for its hash
     ids = np.fromiter(map(first_seen.setdefault, toks, range(m)), dtype=np.uint64, count=m)
-    lens = np.fromiter(map(len, toks), dtype=np.int64, count=m)
+    lens = np.fromiter(map(len, toks), dtype=np.int32, count=m)
     numeric = np.fromiter(map(str.isdigit, toks), dtype=bool, count=m)
     return _Tokens(ids, lens, np.ones(m, dtype=bool), ~numeric, len(_ZH_SYMBOL_RE.findall(text)))
 
@@ -371,16 +407,60 @@ def _non_space_len(text: str) -> int:
     return len(text) - sum(map(text.count, " \n\t\r\u3000"))
 
 
-def _dup_stats(items: list[str]) -> tuple[int, int]:
-    """(number of repeated items, characters in them): every occurrence after the first counts."""
-    uniq = set(items)
-    n_dup = len(items) - len(uniq)
+def _dup_stats(items: Iterable[str]) -> tuple[int, int, int]:
+    """(items, repeated items, characters in them): every occurrence after the first counts.
+
+    Items are kept as (64-bit hash, length) pairs, 16 bytes each whatever their size, so the
+    items can be produced one at a time (`_split_iter`, `_lines_iter`) and dropped.
+    """
+    hashes, lens = array("q"), array("q")
+    for item in items:
+        hashes.append(hash(item))
+        lens.append(len(item))
+    n = len(hashes)
+    if n < 2:
+        return n, 0, 0
+    h = np.frombuffer(hashes, dtype=np.int64)
+    _, first = np.unique(h, return_index=True)
+    n_dup = n - len(first)
     if n_dup == 0:
-        return 0, 0
-    return n_dup, sum(map(len, items)) - sum(map(len, uniq))
+        return n, 0, 0
+    ln = np.frombuffer(lens, dtype=np.int64)
+    return n, n_dup, int(ln.sum()) - int(ln[first].sum())
 
 
-def _cjk_units(lines: list[str]) -> list[str]:
+def _split_iter(pattern: re.Pattern[str], text: str) -> Iterator[str]:
+    """``pattern.split(text)`` one piece at a time (no capturing groups in `pattern`)."""
+    pos = 0
+    for m in pattern.finditer(text):
+        yield text[pos : m.start()]
+        pos = m.end()
+    yield text[pos:]
+
+
+def _lines_iter(text: str, chunk: int = _TOKEN_CHUNK) -> Iterator[str]:
+    """``text.splitlines()`` one line at a time: chunks cut just after a newline split exactly as
+    the whole text does ("\r\n" ends at its "\n")."""
+    a = 0
+    while a < len(text):
+        b = text.find("\n", a + chunk) + 1 if a + chunk < len(text) else 0
+        b = b or len(text)
+        yield from text[a:b].splitlines()
+        a = b
+
+
+def _count_words(text: str, chunk: int = _TOKEN_CHUNK) -> int:
+    """``len(text.split())`` without the list: chunks cut just after whitespace."""
+    n, a = 0, 0
+    while a < len(text):
+        m = _WS_RE.search(text, a + chunk) if a + chunk < len(text) else None
+        b = m.end() if m else len(text)
+        n += len(text[a:b].split())
+        a = b
+    return n
+
+
+def _cjk_units(lines: Iterable[str]) -> Iterator[str]:
     """Lines of a CJK document, with the unterminated tail of a line as a unit of its own.
 
     Extracting Chinese HTML often glues a heading, caption or link text onto the end of the
@@ -388,7 +468,6 @@ def _cjk_units(lines: list[str]) -> list[str]:
     Splitting after the line's last 。！？ keeps the line rules (C4 terminal punctuation,
     FineWeb punctuated lines) from judging a whole paragraph by its glued-on tail.
     """
-    out: list[str] = []
     for line in lines:
         end = max(map(line.rfind, _ZH_FINAL))
         if end >= 0:
@@ -397,11 +476,10 @@ def _cjk_units(lines: list[str]) -> list[str]:
                 end += 1
             tail = line[end:].strip()
             if tail:
-                out.append(line[:end])
-                out.append(tail)
+                yield line[:end]
+                yield tail
                 continue
-        out.append(line)
-    return out
+        yield line
 
 
 # Share of CJK characters from which a document gets the CJK rules. It is declared once, on
@@ -477,15 +555,16 @@ class GopherQualityFilter(_HeuristicStep):
                 if len(_ELLIPSIS_RE.findall(text)) / n_tokens > cfg.max_symbol_word_ratio:
                     return "gopher_too_many_ellipsis"
 
-        lines = text.splitlines()
-        if lines:
-            if cfg.max_bullet_lines_ratio:
-                n_bullet = sum(1 for s in lines if s.lstrip().startswith(BULLETS))
-                if n_bullet / len(lines) > cfg.max_bullet_lines_ratio:
+        if cfg.max_bullet_lines_ratio or cfg.max_ellipsis_lines_ratio:
+            n_lines = n_bullet = n_ell = 0
+            for s in _lines_iter(text):
+                n_lines += 1
+                n_bullet += s.lstrip().startswith(BULLETS)
+                n_ell += s.rstrip().endswith(ELLIPSES)
+            if n_lines:
+                if cfg.max_bullet_lines_ratio and n_bullet / n_lines > cfg.max_bullet_lines_ratio:
                     return "gopher_too_many_bullets"
-            if cfg.max_ellipsis_lines_ratio:
-                n_ell = sum(1 for s in lines if s.rstrip().endswith(ELLIPSES))
-                if n_ell / len(lines) > cfg.max_ellipsis_lines_ratio:
+                if cfg.max_ellipsis_lines_ratio and n_ell / n_lines > cfg.max_ellipsis_lines_ratio:
                     return "gopher_too_many_end_ellipsis"
 
         # Share of words with a letter. Gopher (Rae et al. 2021, A.1.1) counts words; datatrove counts
@@ -529,6 +608,7 @@ def _count_present(text: str, vocab: frozenset[str], enough: int) -> int:
 
 _PARA_RE = re.compile(r"\n{2,}")
 _LINES_RE = re.compile(r"\n+")
+_NEWLINE_RE = re.compile(r"\n")
 
 
 class GopherRepetitionFilter(_HeuristicStep):
@@ -557,17 +637,15 @@ class GopherRepetitionFilter(_HeuristicStep):
         n_chars = len(text)
 
         if "\n" in stripped:
-            paragraphs = _PARA_RE.split(stripped)
-            n_dup, dup_chars = _dup_stats(paragraphs)
-            if cfg.dup_para_frac and n_dup / len(paragraphs) > cfg.dup_para_frac:
+            n_paras, n_dup, dup_chars = _dup_stats(_split_iter(_PARA_RE, stripped))
+            if cfg.dup_para_frac and n_dup / n_paras > cfg.dup_para_frac:
                 return "gopher_dup_para_frac"
             if cfg.dup_para_char_frac and dup_chars / n_chars > cfg.dup_para_char_frac:
                 return "gopher_dup_para_char_frac"
             # datatrove splits the unstripped text, so a leading and a trailing newline make two
             # empty "lines" that count as one duplicate; the stripped text avoids that artefact
-            lines = _LINES_RE.split(stripped)
-            n_dup, dup_chars = _dup_stats(lines)
-            if cfg.dup_line_frac and n_dup / len(lines) > cfg.dup_line_frac:
+            n_lines, n_dup, dup_chars = _dup_stats(_split_iter(_LINES_RE, stripped))
+            if cfg.dup_line_frac and n_dup / n_lines > cfg.dup_line_frac:
                 return "gopher_dup_line_frac"
             if cfg.dup_line_char_frac and dup_chars / n_chars > cfg.dup_line_char_frac:
                 return "gopher_dup_line_char_frac"
@@ -619,8 +697,9 @@ def _ngram_reason(ids: np.ndarray, lens: np.ndarray, n_chars: int, top: list[tup
     csum = np.zeros(m + 1, dtype=np.int64)
     np.cumsum(lens, out=csum[1:])
     order, starts, sizes = _groups(ids)
-    count = np.empty(m, dtype=np.int64)  # occurrences of each position's token
-    count[order] = np.repeat(sizes, sizes)
+    count = np.empty(m, dtype=np.int32)  # occurrences of each position's token
+    count[order] = np.repeat(sizes.astype(np.int32), sizes)
+    del order, starts, sizes
     win = _Windows(ids, count)
 
     for n, frac in top:
@@ -634,8 +713,10 @@ def _ngram_reason(ids: np.ndarray, lens: np.ndarray, n_chars: int, top: list[tup
         order, starts, sizes = _groups(win.values(n))
         c = int(sizes.max())
         i = int(order[starts[sizes == c]].min())  # ties: the n-gram seen first (Counter order)
+        del order, starts, sizes
         if c * int(length[i]) > frac * n_chars:
             return f"gopher_top_{n}_gram"
+        del length
 
     for idx, (n, frac) in enumerate(dup):
         if m < n:
@@ -644,13 +725,17 @@ def _ngram_reason(ids: np.ndarray, lens: np.ndarray, n_chars: int, top: list[tup
             return None  # no repeated n-gram means none for any larger n either
         h = win.values(n)
         first = _first_occurrence(h)
-        repeated = np.flatnonzero(first < np.arange(len(h)))
+        repeated = np.flatnonzero(first < np.arange(len(h), dtype=first.dtype))
         if len(repeated) == 0:
             return None
         # Characters covered by repeated n-grams (their union) bound datatrove's greedy count
         # from above and shrink as n grows: below every remaining threshold ends the scan.
-        cover = np.bincount(repeated, minlength=m + 1) - np.bincount(repeated + n, minlength=m + 1)
-        covered = int(lens[np.cumsum(cover[:m]) > 0].sum())
+        cover = np.zeros(m + 1, dtype=np.int32)  # +1 where a repeated window starts, -1 after it
+        cover[repeated] += 1  # positions are distinct: fancy += adds once each
+        cover[repeated + n] -= 1
+        np.cumsum(cover, out=cover)
+        covered = int(lens[cover[:m] > 0].sum())
+        del cover
         if covered <= min(f for _, f in dup[idx:]) * n_chars:
             return None
         if covered <= frac * n_chars:
@@ -667,19 +752,30 @@ def _groups(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     brk = np.empty(len(hs), dtype=bool)
     brk[0] = True
     np.not_equal(hs[1:], hs[:-1], out=brk[1:])
+    del hs
     starts = np.flatnonzero(brk)
+    del brk
     sizes = np.empty_like(starts)
     np.subtract(starts[1:], starts[:-1], out=sizes[:-1])
-    sizes[-1] = len(hs) - starts[-1]
+    sizes[-1] = len(h) - starts[-1]
     return order, starts, sizes
 
 
 def _first_occurrence(h: np.ndarray) -> np.ndarray:
     """For each position, the position where its value first occurs."""
     order, starts, sizes = _groups(h)
-    first = np.empty(len(h), dtype=np.int64)
-    first[order] = np.repeat(order[starts], sizes)
+    first = np.empty(len(h), dtype=np.int32 if len(h) < 2**31 else np.int64)
+    first[order] = np.repeat(order[starts].astype(first.dtype), sizes)
     return first
+
+
+def _slices_zip(positions: np.ndarray, h: np.ndarray, first: np.ndarray,
+                step: int = 1 << 15) -> Iterator[tuple[int, int, int]]:
+    """(position, value, first occurrence) as Python ints, a slice at a time: whole-array
+    ``tolist()`` would cost ~100 bytes per repeated position."""
+    for a in range(0, len(positions), step):
+        p = positions[a : a + step]
+        yield from zip(p.tolist(), h[p].tolist(), first[p].tolist(), strict=True)
 
 
 def _greedy_dup_chars(h: np.ndarray, first: np.ndarray, repeated: np.ndarray, csum: np.ndarray, n: int) -> int:
@@ -695,7 +791,7 @@ def _greedy_dup_chars(h: np.ndarray, first: np.ndarray, repeated: np.ndarray, cs
     skip_end = 0
     windows: list[int] = []  # positions d of counted repeats: d+1 .. d+n-1 were skipped
     late: set[int] = set()
-    for i, v, f in zip(repeated.tolist(), h[repeated].tolist(), first[repeated].tolist(), strict=True):
+    for i, v, f in _slices_zip(repeated, h, first):
         if i < skip_end:
             continue
         j = bisect_left(windows, f) - 1
@@ -732,9 +828,9 @@ class C4Filter(_HeuristicStep):
         cfg: C4Config = self.cfg
         if not cfg.split_paragraph:
             # Per-sentence mode needs a sentence splitter in front of the line rules.
-            lines = _split_sentences(doc.text)
+            lines: Iterable[str] = _split_sentences(doc.text)
         else:
-            lines = doc.text.splitlines()
+            lines = _lines_iter(doc.text)
         if cjk:
             lines = _cjk_units(lines)
         max_wl = cfg.max_word_length
@@ -850,23 +946,31 @@ class FineWebFilter(_HeuristicStep):
     def check(self, doc: Document, cjk: bool) -> str | None:
         cfg: FineWebConfig = self.cfg
         text = doc.text
-        lines = list(filter(str.strip, text.split("\n")))
-        if not lines:
-            return "fineweb_empty"
+        lines: Iterable[str] = filter(str.strip, _split_iter(_NEWLINE_RE, text))
         if cjk:
             lines = _cjk_units(lines)
-        n_lines = len(lines)
-        n_punct = sum(1 for s in lines if s.rstrip().rstrip(_CLOSERS).endswith(FINEWEB_STOP_CHARS))
+        short = cfg.short_line_length // 2 if cjk else cfg.short_line_length
+        n_punct = n_short = 0
+
+        def counted(units: Iterable[str]) -> Iterator[str]:  # one pass: the lines are not kept
+            nonlocal n_punct, n_short
+            for s in units:
+                n_punct += s.rstrip().rstrip(_CLOSERS).endswith(FINEWEB_STOP_CHARS)
+                n_short += len(s) <= short
+                yield s
+
+        n_lines, _, dup_chars = _dup_stats(counted(lines))
+        if not n_lines:
+            return "fineweb_empty"
         ratio = n_punct / n_lines
         if ratio < cfg.line_punct_thr and not (ratio == 0 and cfg.line_punct_exclude_zero):
             return "fineweb_line_punct_ratio"
 
-        short = cfg.short_line_length // 2 if cjk else cfg.short_line_length
-        if sum(1 for s in lines if len(s) <= short) / n_lines > cfg.short_line_thr:
+        if n_short / n_lines > cfg.short_line_thr:
             return "fineweb_short_line_ratio"
 
         denom = len(text) - text.count("\n")
-        if denom and _dup_stats(lines)[1] / denom > cfg.char_duplicates_ratio:
+        if denom and dup_chars / denom > cfg.char_duplicates_ratio:
             return "fineweb_char_dup_ratio"
 
         n_newlines = text.count("\n")
@@ -881,7 +985,7 @@ class FineWebFilter(_HeuristicStep):
             else:
                 # whitespace-separated chunks hold at least one token each: a lower bound on
                 # the token count that lets most documents pass without tokenizing
-                if n_newlines <= cfg.new_line_ratio * len(text.split()):
+                if n_newlines <= cfg.new_line_ratio * _count_words(text):
                     return None
                 n_words = len(_token_stats(text, cjk))
             if n_words == 0 or n_newlines / n_words > cfg.new_line_ratio:
