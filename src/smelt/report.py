@@ -525,14 +525,16 @@ class Report:
                 better = acc is not None and rnd is not None and acc > rnd
                 rows.append([_e(t), _num(acc, ".3f"), _num(v.get("acc_norm"), ".3f"), _num(rnd, ".3f"),
                              f'<span class="{"good" if better else "note"}">{"above" if better else "not above"}</span>',
-                             _num(v.get("n")), _num(v.get("shots"))])
+                             _num(v.get("n")), _num(v.get("skipped", 0)), _num(v.get("shots"))])
             out += "<h3>Benchmarks (log-likelihood multiple choice)</h3>" + _table(
-                ["task", "acc", "acc_norm", "random baseline", "vs random", "items", "shots"], rows, raw=True)
+                ["task", "acc", "acc_norm", "random baseline", "vs random", "items", "not scored", "shots"], rows,
+                raw=True)
         probes = r.get("probes") or []
         if probes:
             rows = [[pr.get("name"), pr.get("kind"), pr.get("prompt", ""), pr.get("target", ""),
                      _num(pr.get("logprob"), ".3f"), _num(pr.get("rank")),
-                     "yes" if pr.get("passed") else "no"] for pr in probes[:40]]
+                     "not scored" if pr.get("unscored") else "yes" if pr.get("passed") else "no"]
+                    for pr in probes[:40]]
             out += "<h3>Probability probes</h3>" + _table(
                 ["probe", "kind", "prompt", "target", "log p", "rank", "passed"], rows)
         png = self.run_dir / "eval" / "probes.png"

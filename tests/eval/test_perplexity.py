@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from smelt.eval.perplexity import (
     HeldOutDoc,
     Request,
+    Unscorable,
     cjk_share,
     count_words,
     domain_perplexity,
@@ -27,7 +28,7 @@ from smelt.model.config import preset
 from smelt.model.llama import Transformer
 from smelt.tokens.shards import write_shard
 
-from .util import CharTokenizer, Fixed, Uniform
+from .util import CharTokenizer, Fixed, Uniform, merging_bpe
 
 V = 50
 
@@ -185,6 +186,46 @@ def test_encode_pair_moves_trailing_space_to_the_continuation() -> None:
     assert list(r.target) == tok.encode(" nice").ids
     r = encode_pair(tok, "", "ab", prefix_id=1)
     assert list(r.context) == [1] and list(r.target) == tok.encode("ab").ids
+
+
+def _lm_eval_encode_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``TemplateLM._encode_pair`` (lm_eval/api/model.py), decoder-only branch."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole_enc = encode(context + continuation)
+    context_enc = encode(context)
+    return context_enc, whole_enc[len(context_enc):]
+
+
+def test_encode_pair_where_bpe_merges_across_the_boundary() -> None:
+    """The failure of a real run: the whole is fewer tokens than the context, so lm-eval's
+    difference is empty; the continuation is then encoded alone. Where the difference is not
+    empty it is lm-eval's, even when the context's tokens are not a prefix of the whole's."""
+    tok = merging_bpe()
+    ids = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    ctx, whole = ids("万里长城位于"), ids("万里长城位于中国")
+    assert len(whole) <= len(ctx)  # the case: BPE merged across the boundary
+    r = encode_pair(tok, "万里长城位于", "中国", prefix_id=1)
+    assert r.alone and list(r.context) == [1] + ctx and list(r.target) == ids("中国")
+    assert ids("长城位于中国")[: len(ids("长城位于"))] != ids("长城位于")  # merges, difference not empty
+    for context, cont in (("长城位于", "中国"), ("The capital of France is", " Paris"),
+                          ("The capital of France is ", "Paris")):
+        context_enc, continuation_enc = _lm_eval_encode_pair(ids, context, cont)
+        r = encode_pair(tok, context, cont, prefix_id=1)
+        assert not r.alone and list(r.context) == [1] + context_enc and list(r.target) == continuation_enc
+
+
+def test_encode_pair_unscorable_pairs() -> None:
+    tok = CharTokenizer()
+    with pytest.raises(Unscorable, match="no tokens"):
+        encode_pair(tok, "context", "", prefix_id=2)
+    r = encode_pair(tok, "context ", "", prefix_id=2)  # lm-eval scores the moved space
+    assert list(r.target) == tok.encode(" ").ids
+    with pytest.raises(Unscorable, match="exceeds the window of 4 tokens"):
+        encode_pair(tok, "c", "abcde", prefix_id=2, max_len=4)
+    assert isinstance(Unscorable("x"), ValueError)
 
 
 def test_held_out_documents_strip_specials_decode_and_respect_budgets(tmp_path: Path) -> None:

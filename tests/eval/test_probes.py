@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from smelt.eval.probes import ProbeFormatError, load_probe_files, load_probes, run_probes, write_history
+from smelt.eval.probes import Probe, ProbeFormatError, load_probe_files, load_probes, run_probes, write_history
+from smelt.eval.runner import flat_scalars, format_markdown
 
-from .util import CharTokenizer, Fixed
+from .util import CharTokenizer, Fixed, Uniform, merging_bpe
 
 TOK = CharTokenizer()
 
@@ -108,3 +109,33 @@ def test_history_csv_and_plot(tmp_path: Path) -> None:
     assert [r["step"] for r in table[::4]] == ["5", "10", "20"]  # sorted by step
     assert {r["probe"] for r in table} >= {"capital_zh", "fact_zh"}
     assert png is not None and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merged_and_unscorable_probes_never_fail_the_run(tmp_path: Path) -> None:
+    """A real tokenizer merges "万里长城位于" + "中国" into fewer tokens than the prompt: scored with
+    the target encoded alone. An empty text cannot be scored: counted, reported, no exception."""
+    tok = merging_bpe()
+    V = tok.get_vocab_size()
+    probes = [Probe("great_wall", "target", "万里长城位于", target="中国"),
+              Probe("empty", "target", "x", target=""),
+              Probe("cmp_empty", "compare", "", a="中国", b=""),
+              Probe("capital", "target", "The capital of France is", target=" Paris")]
+    res = run_probes(Uniform(V), tok, probes, prefix_id=1, max_len=32)
+    wall, empty, cmp_empty, capital = res
+    n = len(tok.encode("中国").ids)
+    assert wall["alone"] and wall["tokens"] == n and wall["logprob"] == pytest.approx(-n * math.log(V), rel=1e-5)
+    assert not capital["alone"] and capital["score"] is not None
+    for r in (empty, cmp_empty):
+        assert "no tokens" in r["unscored"] and r["score"] is None and r["passed"] is False
+    assert "unscored" not in wall and "unscored" not in capital
+
+    results = {"checkpoint": "c", "step": 3, "tokens_seen": 30, "perplexity": {}, "probes": res, "tasks": {}}
+    scalars = flat_scalars(results)
+    assert "eval/probe/empty" not in scalars and "eval/probe/great_wall" in scalars
+    assert scalars["eval/probes_passed"] == sum(r["passed"] for r in (wall, capital)) / 2  # of the scored ones
+    md = format_markdown(results)
+    assert "| empty | target |" in md and "not scored |" in md
+    assert "## Not scored" in md and "2 item(s) could not be scored" in md and "| probes | cmp_empty |" in md
+    csv_path, png = write_history([{"step": 3, "tokens_seen": 30, "probes": res}], tmp_path)
+    rows = {r["probe"]: r for r in csv.DictReader(open(csv_path, encoding="utf-8"))}
+    assert rows["empty"]["score"] == "" and rows["great_wall"]["score"] != ""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from smelt.config import EvalConfig
+from smelt.eval.runner import flat_scalars, format_markdown
 from smelt.eval.tasks import (
     BenchmarkFormatError,
     FewshotPool,
@@ -22,7 +23,7 @@ from smelt.eval.tasks import (
     score_items,
 )
 
-from .util import CharTokenizer, Fixed, Uniform
+from .util import CharTokenizer, Fixed, Uniform, merging_bpe
 
 TOK = CharTokenizer()
 
@@ -64,6 +65,27 @@ def test_acc_norm_differs_from_acc_where_lengths_differ() -> None:
 def test_mixed_choice_counts_random_baseline() -> None:
     items = _items(("c", ["a", "b"], 0), ("c", ["a", "b", "c", "d"], 0))
     assert _score(Uniform(TOK.vocab), items)["random"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+
+
+def test_items_that_cannot_be_scored_are_counted_not_fatal() -> None:
+    """A choice that merges into the context is scored (encoded alone); an item with an empty
+    choice is left out of acc and counted, by file:line, in the result and in results.md."""
+    tok = merging_bpe()
+    V = tok.get_vocab_size()
+    items = _items(("万里长城位于", ["中国", "北方"], 0), ("x", ["", "a"], 1),
+                   ("长城位于", ["北方", "中国"], 0))
+    r = score_items(Uniform(V), tok, items, [it.context for it in items], prefix_id=1, max_len=64, delimiter="")
+    assert r["n"] == 2 and r["skipped"] == 1 and r["random"] == 0.5
+    assert r["unscored"] == [{"item": "mem:2", "reason": "continuation '' encodes to no tokens"}]
+    assert r["alone"] == 2  # "万里长城位于中国" and "长城位于北方" are one token each
+    none = score_items(Uniform(V), tok, items[1:2], ["x"], prefix_id=1, max_len=64, delimiter="")
+    assert (none["n"], none["skipped"], none["acc"], none["acc_norm"]) == (0, 1, None, None)
+    results = {"checkpoint": "c", "step": 1, "perplexity": {}, "probes": [],
+               "tasks": {"toy": {**r, "shots": 0}, "empty": {**none, "shots": 0}}}
+    assert set(flat_scalars(results)) == {"eval/task/toy/acc", "eval/task/toy/acc_norm"}
+    md = format_markdown(results)
+    assert "| toy | 0 | 2 |" in md and "| empty | 0 | 0 | – | – | – | 1 |" in md
+    assert "## Not scored" in md and "| task toy | mem:2 | continuation '' encodes to no tokens |" in md
 
 
 def test_fewshot_prompts_are_seeded_and_never_include_the_item() -> None:

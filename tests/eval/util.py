@@ -56,6 +56,23 @@ class CharTokenizer:
         return bytes(i - self.OFFSET for i in ids if i >= self.OFFSET).decode("utf-8", "replace")
 
 
+def merging_bpe() -> Any:
+    """A byte-level BPE (HF `tokenizers`, as `smelt.tokenizer.train` builds them) trained on text
+    where the prompt/target boundary merges: ``"万里长城位于中国"`` is ONE token, fewer than the
+    prompt ``"万里长城位于"`` alone. Ids 0-2 are <pad>, <bos>, <eos>; vocabulary under 400."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers import pre_tokenizers as pre
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["万里长城位于中国。"] * 50 + ["长城位于北方。"] * 10
+                            + ["The capital of France is Paris."] * 20, trainer)
+    return tok
+
+
 # --------------------------------------------------------------------------------------------
 # a tiny trained run
 

@@ -48,7 +48,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Request", "Score", "score_requests", "encode_text", "encode_pair", "rolling_windows", "HeldOutDoc", "held_out_documents",
+__all__ = ["Request", "Score", "Unscorable", "score_requests", "encode_text", "encode_pair", "rolling_windows",
+           "HeldOutDoc", "held_out_documents",
            "document_prefix_id", "count_words", "cjk_share", "domain_perplexity", "perplexity_by_domain",
            "model_device"]
 
@@ -68,6 +69,12 @@ class Request:
 
     context: Sequence[int]
     target: Sequence[int]
+    alone: bool = False  # `encode_pair`: the continuation was encoded on its own (see there)
+
+
+class Unscorable(ValueError):
+    """A (context, continuation) pair with nothing to score, or more than the window can hold.
+    Probes and tasks count and report such items; they never fail an evaluation."""
 
 
 @dataclass(frozen=True)
@@ -162,21 +169,39 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
             tokenizer.encode_special_tokens = prev
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str, prefix_id: int) -> Request:
+def encode_pair(tokenizer: Any, context: str, continuation: str, prefix_id: int, *,
+                max_len: int | None = None) -> Request:
     """lm-eval's ``_encode_pair``: trailing whitespace of the context moves to the continuation, the
-    pair is encoded whole and the continuation is what follows the context's tokens, so the
-    continuation's ids are those the model sees in running text. ``prefix_id`` (the document-start
-    token, `document_prefix_id`) comes first, so an empty context is scored too."""
+    pair is encoded whole and the context alone, and the continuation's ids are the difference
+    ``whole[len(context_ids):]``, so they are the ids the model sees in running text. ``prefix_id``
+    (the document-start token, `document_prefix_id`) comes first, so an empty context is scored too.
+
+    BPE merges across the boundary: with a tokenizer trained on Chinese text, ``"万里长城位于中国"``
+    can be fewer tokens than ``"万里长城位于"``. Where the difference is not empty it is kept as
+    lm-eval keeps it, even when the context's ids are not a prefix of the whole's (lm-eval parity,
+    tests/interop/test_lm_eval.py). Where it is empty, lm-eval would score nothing (log-likelihood
+    0, the best possible); here the continuation is then encoded on its own after the context's ids
+    (``alone=True``): its text is scored, in a tokenization the model may not meet in running text.
+
+    Raises `Unscorable` when the continuation has no tokens even alone (an empty string) or more
+    than ``max_len`` (the scoring window) tokens.
+    """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     whole = encode_text(tokenizer, context + continuation)
     ctx = encode_text(tokenizer, context) if context else []
-    target = whole[len(ctx):]
+    target, alone = whole[len(ctx):], False
+    if not target and continuation:
+        target, alone = encode_text(tokenizer, continuation), True
+        log.debug("encode_pair: %r merges into the context %r; continuation encoded alone",
+                  continuation, context[-40:])
     if not target:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
-    return Request([prefix_id] + ctx, target)
+        raise Unscorable(f"continuation {continuation!r} encodes to no tokens")
+    if max_len is not None and len(target) > max_len:
+        raise Unscorable(f"continuation of {len(target)} tokens exceeds the window of {max_len} tokens")
+    return Request([prefix_id] + ctx, target, alone)
 
 
 def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int, stride: int | None = None) -> list[Request]:

@@ -18,7 +18,9 @@ Each result's ``score`` is the number tracked across checkpoints: ``logprob`` fo
 
 Prompts are encoded as lm-eval encodes a (context, continuation) pair (`encode_pair`) after the
 document-start token, so ``"The capital of France is"`` + ``" Paris"`` scores the ids the model
-sees in running text. The packaged default set is ``smelt/resources/probes/default.yaml``.
+sees in running text. A probe that cannot be scored (an empty text, or one longer than the
+window) is reported with ``unscored`` (the reason) and fails no run. The packaged default set is
+``smelt/resources/probes/default.yaml``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from smelt.eval.perplexity import Request, encode_pair, score_requests
+from smelt.eval.perplexity import Request, Unscorable, encode_pair, score_requests
 from smelt.fsutil import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -156,34 +158,47 @@ def load_probe_files(paths: Sequence[str]) -> list[Probe]:
 
 def run_probes(model: nn.Module, tokenizer: Any, probes: Sequence[Probe], *, prefix_id: int, max_len: int,
                batch_size: int = 8, pad_id: int = 0) -> list[dict[str, Any]]:
-    """Score every probe (one batched pass); results in probe order (see the module docstring)."""
+    """Score every probe (one batched pass); results in probe order (see the module docstring).
+
+    A probe whose text cannot be scored (`Unscorable`: no tokens, or longer than the window) is
+    not fatal: its result has ``"unscored": reason``, ``score`` None and ``passed`` False.
+    ``"alone"``: a continuation merged into the prompt's tokens and was encoded on its own
+    (`encode_pair`).
+    """
     requests: list[Request] = []
-    slots: list[tuple[int, ...]] = []
+    slots: list[tuple[int, ...] | str] = []
     for p in probes:
-        if p.kind == "target":
-            requests.append(encode_pair(tokenizer, p.prompt, p.target or "", prefix_id))
-            slots.append((len(requests) - 1,))
-        else:
-            requests.append(encode_pair(tokenizer, p.prompt, p.a or "", prefix_id))
-            requests.append(encode_pair(tokenizer, p.prompt, p.b or "", prefix_id))
-            slots.append((len(requests) - 2, len(requests) - 1))
+        texts = [p.target or ""] if p.kind == "target" else [p.a or "", p.b or ""]
+        try:
+            reqs = [encode_pair(tokenizer, p.prompt, t, prefix_id, max_len=max_len) for t in texts]
+        except Unscorable as e:
+            log.warning("probes: %s not scored: %s", p.name, e)
+            slots.append(str(e))
+            continue
+        slots.append(tuple(range(len(requests), len(requests) + len(reqs))))
+        requests.extend(reqs)
     scores = score_requests(model, requests, batch_size=batch_size, max_len=max_len, pad_id=pad_id, ranks=True)
     out: list[dict[str, Any]] = []
     for p, slot in zip(probes, slots):
+        base: dict[str, Any] = {"name": p.name, "kind": p.kind, "prompt": p.prompt}
+        base.update({"target": p.target} if p.kind == "target" else {"a": p.a, "b": p.b, "expect": p.expect})
+        if isinstance(slot, str):
+            out.append({**base, "logprob": None, "rank": None, "passed": False, "score": None, "unscored": slot})
+            continue
+        alone = any(requests[i].alone for i in slot)
         if p.kind == "target":
             s = scores[slot[0]]
-            out.append({"name": p.name, "kind": "target", "prompt": p.prompt, "target": p.target,
-                        "logprob": s.logprob, "rank": s.rank, "passed": bool(s.rank is not None and s.rank <= p.pass_rank),
-                        "greedy": s.greedy, "tokens": s.n_tokens, "pass_rank": p.pass_rank, "score": s.logprob})
+            out.append({**base, "logprob": s.logprob, "rank": s.rank,
+                        "passed": bool(s.rank is not None and s.rank <= p.pass_rank), "greedy": s.greedy,
+                        "tokens": s.n_tokens, "pass_rank": p.pass_rank, "score": s.logprob, "alone": alone})
         else:
             sa, sb = scores[slot[0]], scores[slot[1]]
             nll_a, nll_b = -sa.logprob / sa.n_tokens, -sb.logprob / sb.n_tokens  # ln PPL
             margin = (nll_b - nll_a) if p.expect == "a" else (nll_a - nll_b)
-            out.append({"name": p.name, "kind": "compare", "prompt": p.prompt, "a": p.a, "b": p.b,
-                        "expect": p.expect, "logprob": None, "rank": None, "passed": margin > 0,
+            out.append({**base, "logprob": None, "rank": None, "passed": margin > 0,
                         "ppl_a": math.exp(nll_a), "ppl_b": math.exp(nll_b), "logprob_a": sa.logprob,
                         "logprob_b": sb.logprob, "tokens_a": sa.n_tokens, "tokens_b": sb.n_tokens,
-                        "margin": margin, "score": margin})
+                        "margin": margin, "score": margin, "alone": alone})
     return out
 
 
@@ -210,7 +225,8 @@ def write_history(rows: Sequence[dict[str, Any]], eval_dir: str | Path) -> tuple
             w.writerow([r["name"], r["kind"], row["step"], row["tokens_seen"], _fmt(r["score"]), _fmt(r.get("logprob")),
                         r.get("rank") if r.get("rank") is not None else "", int(bool(r["passed"])),
                         _fmt(r.get("ppl_a")), _fmt(r.get("ppl_b"))])
-            series.setdefault((r["kind"], r["name"]), []).append((row["tokens_seen"], r["score"]))
+            if r["score"] is not None:  # an unscored probe has a CSV row but no point
+                series.setdefault((r["kind"], r["name"]), []).append((row["tokens_seen"], r["score"]))
     csv_path = eval_dir / "probes.csv"
     atomic_write_text(csv_path, buf.getvalue())
     png_path = eval_dir / "probes.png"

@@ -5,8 +5,10 @@
 
     results.json   {"checkpoint", "step", "tokens_seen",
                     "perplexity": {domain: {"loss", "ppl", "bits_per_byte", "word_ppl", "tokens", "bytes", "docs"}},
-                    "probes": [{"name", "kind", "prompt", "target" | "a"/"b", "logprob", "rank", "passed", ...}],
-                    "tasks": {task: {"acc", "acc_norm", "random", "n", "shots", ...}},
+                    "probes": [{"name", "kind", "prompt", "target" | "a"/"b", "logprob", "rank", "passed",
+                                "score", ["unscored": reason], ...}],
+                    "tasks": {task: {"acc", "acc_norm", "random", "n", "shots", "skipped",
+                                     "unscored": [{"item", "reason"}], ...}},
                     "config": {...}, "seconds": ...}                    (schema version RESULTS_VERSION)
     results.md     the same as markdown tables
     tb/            TensorBoard scalars at the checkpoint's step: eval/ppl/<domain>, eval/bpb/<domain>,
@@ -39,8 +41,8 @@ from smelt.fsutil import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_eval", "evaluate_in_training", "evaluate_model", "format_markdown", "eval_max_len",
-           "RESULTS_VERSION"]
+__all__ = ["run_eval", "evaluate_in_training", "evaluate_model", "format_markdown", "unscored_items",
+           "eval_max_len", "RESULTS_VERSION"]
 
 RESULTS_VERSION = 1
 Progress = Callable[[str, int, int], None]
@@ -108,7 +110,9 @@ def evaluate_model(model: nn.Module, tokenizer: Any, recipe: Recipe, run_dir: Pa
             out["probes"] = run_probes(model, tokenizer, probes, prefix_id=prefix_id, max_len=max_len,
                                        batch_size=cfg.batch_size, pad_id=pad_id)
             passed = sum(r["passed"] for r in out["probes"])
-            log.info("probes: %d/%d passed", passed, len(out["probes"]))
+            unscored = sum(1 for r in out["probes"] if r.get("unscored"))
+            log.info("probes: %d/%d passed%s", passed, len(out["probes"]),
+                     f" ({unscored} not scored)" if unscored else "")
     if "tasks" in parts:
         seed = cfg.seed if cfg.seed is not None else recipe.seed
         for task in cfg.tasks:
@@ -228,20 +232,22 @@ def _tb_scalars(tb: Any, results: dict[str, Any], step: int) -> None:
 
 def flat_scalars(results: dict[str, Any]) -> dict[str, float]:
     """results -> {"eval/ppl/<d>", "eval/bpb/<d>", "eval/loss/<d>", "eval/word_ppl/<d>",
-    "eval/probe/<name>", "eval/probes_passed", "eval/task/<t>/acc", ".../acc_norm"}; finite only."""
+    "eval/probe/<name>", "eval/probes_passed" (of the scored probes), "eval/task/<t>/acc", ".../acc_norm"};
+    finite only."""
     out: dict[str, float] = {}
     for d, r in results.get("perplexity", {}).items():
         for key, name in (("loss", "loss"), ("ppl", "ppl"), ("bits_per_byte", "bpb"), ("word_ppl", "word_ppl")):
             if r.get(key) is not None:
                 out[f"eval/{name}/{d}"] = float(r[key])
-    probes = results.get("probes", [])
+    probes = [p for p in results.get("probes", []) if p.get("score") is not None]  # unscored: no scalar
     for p in probes:
         out[f"eval/probe/{p['name']}"] = float(p["score"])
     if probes:
         out["eval/probes_passed"] = sum(bool(p["passed"]) for p in probes) / len(probes)
     for t, r in results.get("tasks", {}).items():
-        out[f"eval/task/{t}/acc"] = float(r["acc"])
-        out[f"eval/task/{t}/acc_norm"] = float(r["acc_norm"])
+        for key in ("acc", "acc_norm"):
+            if r.get(key) is not None:
+                out[f"eval/task/{t}/{key}"] = float(r[key])
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -326,14 +332,31 @@ def format_markdown(results: dict[str, Any]) -> str:
                 text = f"{p['prompt']} → {p['target']}"
             else:
                 text = f"{p['prompt']}[{p['a']}] vs [{p['b']}] (expect {p['expect']})"
+            passed = "not scored" if p.get("unscored") else "yes" if p["passed"] else "no"
             lines.append(f"| {p['name']} | {p['kind']} | {_cell(text, 60)} | {_f(p['score'])} | "
-                         f"{_f(p['rank'])} | {'yes' if p['passed'] else 'no'} |")
+                         f"{_f(p['rank'])} | {passed} |")
         lines.append("")
     if results["tasks"]:
-        lines += ["## Multiple choice", "", "| task | shots | n | acc | acc_norm | random |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["## Multiple choice", "", "| task | shots | n | acc | acc_norm | random | not scored |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t, r in results["tasks"].items():
             lines.append(f"| {t} | {r['shots']} | {r['n']:,} | {_f(r['acc'])} | {_f(r['acc_norm'])} | "
-                         f"{_f(r['random'])} |")
+                         f"{_f(r['random'])} | {r.get('skipped', 0):,} |")
+        lines.append("")
+    unscored = unscored_items(results)
+    if unscored:
+        total = sum(1 for p in results["probes"] if p.get("unscored")) + sum(
+            r.get("skipped", 0) for r in results["tasks"].values())
+        lines += ["## Not scored", "", f"{total} item(s) could not be scored and are left out of the figures "
+                  "above (at most 20 listed per task):", "", "| part | item | reason |", "| --- | --- | --- |"]
+        lines += [f"| {part} | {_cell(item, 60)} | {_cell(reason, 80)} |" for part, item, reason in unscored]
         lines.append("")
     return "\n".join(lines)
+
+
+def unscored_items(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(part, item, reason) of every probe and listed task item that could not be scored."""
+    out = [("probes", str(p["name"]), str(p["unscored"])) for p in results.get("probes", []) if p.get("unscored")]
+    for t, r in results.get("tasks", {}).items():
+        out += [(f"task {t}", str(u["item"]), str(u["reason"])) for u in r.get("unscored", [])]
+    return out

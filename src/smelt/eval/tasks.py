@@ -32,7 +32,9 @@ Formats (`load_items`; prompts as in lm-eval's task YAMLs):
                ``"{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案："``, choices ``A``-``D``.
 ``jsonl``      ``{"context": str, "choices": [str, ...], "gold": int}`` per line (extra keys ignored).
 
-A malformed file raises `BenchmarkFormatError` naming the file and line.
+A malformed file raises `BenchmarkFormatError` naming the file and line. An item that parses but
+cannot be scored (a choice with no tokens, or longer than the window) is left out of the metrics
+and counted (``skipped``, `score_items`); it never fails an evaluation.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from typing import IO, Any
 import numpy as np
 from torch import nn
 
-from smelt.eval.perplexity import Request, encode_pair, score_requests
+from smelt.eval.perplexity import Request, Unscorable, encode_pair, score_requests
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ __all__ = ["MCItem", "BenchmarkFormatError", "load_items", "fewshot_pool", "buil
 
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default fewshot_delimiter
 _CEVAL_LETTERS = ("A", "B", "C", "D")
+_MAX_LISTED = 20  # unscored items listed by name in results.json (all are counted)
 
 
 class BenchmarkFormatError(ValueError):
@@ -327,32 +330,45 @@ def build_context(items: Sequence[MCItem], index: int, shots: int, pool: Fewshot
 def score_items(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], contexts: Sequence[str], *,
                 prefix_id: int, max_len: int, batch_size: int = 8, pad_id: int = 0, delimiter: str = " ",
                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """acc, acc_norm and the random baseline over ``items`` (one batched pass over all choices)."""
+    """acc, acc_norm and the random baseline over ``items`` (one batched pass over all choices).
+
+    An item with a choice that cannot be scored (`Unscorable`: no tokens, or longer than the
+    window) is left out of the metrics and counted: ``n`` items scored, ``skipped`` left out,
+    ``unscored`` the first `_MAX_LISTED` of them as ``{"item": "file:line", "reason"}``.
+    ``alone``: choices encoded on their own because they merged into the context (`encode_pair`).
+    """
     requests: list[Request] = []
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[MCItem, int, int]] = []
+    unscored: list[dict[str, str]] = []
     for item, ctx in zip(items, contexts):
-        start = len(requests)
-        for choice in item.choices:
-            try:
-                requests.append(encode_pair(tokenizer, ctx, delimiter + choice, prefix_id))
-            except ValueError as e:
-                raise BenchmarkFormatError(f"{item.source}: {e}") from None
-        spans.append((start, len(requests)))
+        try:
+            reqs = [encode_pair(tokenizer, ctx, delimiter + c, prefix_id, max_len=max_len) for c in item.choices]
+        except Unscorable as e:
+            unscored.append({"item": item.source, "reason": str(e)})
+            continue
+        spans.append((item, len(requests), len(requests) + len(reqs)))
+        requests.extend(reqs)
+    if unscored:
+        log.warning("%d of %d items not scored, first: %s: %s", len(unscored), len(items), unscored[0]["item"],
+                    unscored[0]["reason"])
     scores = score_requests(model, requests, batch_size=batch_size, max_len=max_len, pad_id=pad_id,
                             progress=progress)
-    correct = np.zeros(len(items))
-    correct_norm = np.zeros(len(items))
-    chance = np.zeros(len(items))
-    for k, (item, (a, b)) in enumerate(zip(items, spans)):
+    n = len(spans)
+    correct = np.zeros(n)
+    correct_norm = np.zeros(n)
+    chance = np.zeros(n)
+    for k, (item, a, b) in enumerate(spans):
         lls = np.array([s.logprob for s in scores[a:b]])
         # lm-eval: completion_len = len(choice) in characters (the delimiter is not counted)
         lens = np.array([max(1, len(c)) for c in item.choices], dtype=np.float64)
         correct[k] = float(np.argmax(lls) == item.gold)
         correct_norm[k] = float(np.argmax(lls / lens) == item.gold)
         chance[k] = 1.0 / len(item.choices)
-    n = len(items)
-    return {"acc": float(correct.mean()), "acc_norm": float(correct_norm.mean()), "random": float(chance.mean()),
-            "n": n, "acc_stderr": _stderr(correct), "acc_norm_stderr": _stderr(correct_norm)}
+    return {"acc": float(correct.mean()) if n else None, "acc_norm": float(correct_norm.mean()) if n else None,
+            "random": float(chance.mean()) if n else None, "n": n,
+            "acc_stderr": _stderr(correct), "acc_norm_stderr": _stderr(correct_norm),
+            "skipped": len(unscored), "unscored": unscored[:_MAX_LISTED],
+            "alone": sum(r.alone for r in requests)}
 
 
 def _stderr(x: np.ndarray) -> float | None:
@@ -375,6 +391,9 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, *, seed: int, pre
     res = score_items(model, tokenizer, items, contexts, prefix_id=prefix_id, max_len=max_len,
                       batch_size=batch_size, pad_id=pad_id, delimiter=task.delimiter, progress=progress)
     res.update({"shots": task.shots, "format": task.format, "path": str(task.path)})
-    log.info("task %s (%d-shot, n=%d): acc %.4f  acc_norm %.4f  (random %.4f)", task.name, task.shots, res["n"],
-             res["acc"], res["acc_norm"], res["random"])
+    if res["n"]:
+        log.info("task %s (%d-shot, n=%d): acc %.4f  acc_norm %.4f  (random %.4f)", task.name, task.shots, res["n"],
+                 res["acc"], res["acc_norm"], res["random"])
+    else:
+        log.warning("task %s: none of its %d items could be scored", task.name, len(items))
     return res
