@@ -11,6 +11,7 @@ from typing import Any
 
 from smelt import __version__
 from smelt.config import Recipe, RecipeError, load_recipe, write_resolved_recipe
+from smelt.fsutil import RunDirLocked, describe_os_error
 
 log = logging.getLogger("smelt")
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
                    help="require a checkpoint to resume from")
     g.add_argument("--no-resume", dest="resume", action="store_const", const=False,
-                   help="start from scratch even if checkpoints exist")
+                   help="start from scratch; an existing train/ is moved aside to train.prev-N (never deleted)")
     _common(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "tokenizer/, train/checkpoints/step-0000000 (DCP). Checked against transformers' "
                                     "logits before it is committed. Continue training with train.init_from.")
     im.add_argument("hf_dir", help="Hugging Face model directory (Llama architecture)")
-    im.add_argument("out_dir", help="run directory to create (replaced if it exists)")
+    im.add_argument("out_dir", help="run directory to create (an existing one is moved aside to OUT_DIR.prev-N)")
     _common(im, overrides=False)
     im.set_defaults(func=cmd_import)
 
@@ -324,6 +325,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if not args.quiet:
         log.info("train: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    if summary.get("interrupted"):
+        print(f"smelt: interrupted at step {summary.get('steps')} (checkpoint saved; run again to resume)",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -532,9 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"smelt: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("smelt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"smelt: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
+    except RunDirLocked as e:
+        print(f"smelt: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # Disk full, permissions: one sentence with the path and what to do, not a traceback.
+        described = describe_os_error(e)
+        if described is None:
+            raise
+        print(f"smelt: {described}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -174,9 +174,10 @@ class BlocklistConfig(StepConfig):
 
 
 class PIIConfig(StepConfig):
-    types: list[Literal["email", "phone", "id_card", "bank_card", "ip"]] = Field(
-        default_factory=lambda: ["email", "phone", "id_card", "bank_card", "ip"],
-        description="PII kinds to replace by typed tokens (<EMAIL>, <PHONE>, <ID_NUM>, <BANK_CARD>, <IP>).")
+    types: list[Literal["email", "phone", "id_card", "bank_card", "ip", "ssn", "iban"]] = Field(
+        default_factory=lambda: ["email", "phone", "id_card", "bank_card", "ip", "ssn", "iban"],
+        description="PII kinds to replace by typed tokens (<EMAIL>, <PHONE>, <ID_NUM>, <BANK_CARD>, <IP>, <SSN>, "
+        "<IBAN>).")
     boilerplate: bool = Field(True, description="Remove repost/source boilerplate lines (转载自…, 本文来源…, 'Originally published at').")
 
 

@@ -84,8 +84,8 @@ def move_aside(path: str | Path, why: str = "") -> Path | None:
     while (dest := path.with_name(f"{path.name}.prev-{n}")).exists():
         n += 1
     os.replace(path, dest)
-    logging.getLogger(__name__).warning("%s%s: moved the previous %s aside to %s (delete it yourself when it is "
-                                        "no longer needed)", why, ":" if why else "", path.name, dest)
+    logging.getLogger(__name__).warning("%s%smoved the previous %s aside to %s (delete it yourself when it is "
+                                        "no longer needed)", why, ": " if why else "", path.name, dest)
     return dest
 
 

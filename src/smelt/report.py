@@ -333,7 +333,7 @@ class Report:
         st = next((x for x in s["steps"] if x["name"] == "pii"), None)
         if st is None:
             return _note("PII redaction was not enabled in this run")
-        types = ("email", "phone", "id_card", "bank_card", "ip", "boilerplate")
+        types = ("email", "phone", "id_card", "bank_card", "ip", "ssn", "iban", "boilerplate")
         doms = list(st["by_domain"])
         rows = [[t, *[st["by_domain"][d].get("counters", {}).get(t, 0) for d in doms],
                  st["total"].get("counters", {}).get(t, 0)] for t in types]

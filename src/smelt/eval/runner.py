@@ -37,7 +37,7 @@ from smelt.config import EvalConfig, Recipe, RecipeError, recipe_to_dict
 from smelt.eval.perplexity import HeldOutDoc, document_prefix_id, held_out_documents, perplexity_by_domain
 from smelt.eval.probes import Probe, load_probe_files, run_probes, write_history
 from smelt.eval.tasks import evaluate_task
-from smelt.fsutil import atomic_write_json, atomic_write_text, read_json
+from smelt.fsutil import atomic_write_json, atomic_write_text, locked, read_json
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,25 @@ def evaluate_model(model: nn.Module, tokenizer: Any, recipe: Recipe, run_dir: Pa
 # smelt eval
 
 
+def _check_final_checkpoint(run_dir: Path) -> None:
+    """A finished run's results belong to its final checkpoint: when that no longer verifies,
+    stop rather than silently evaluate an older one and overwrite the results."""
+    from smelt.train.checkpoint import verify_checkpoint
+
+    tm = run_dir / "train" / "manifest.json"
+    if not tm.is_file():
+        return
+    m = read_json(tm)
+    if not (m.get("complete") and m.get("checkpoint")):
+        return
+    problem = verify_checkpoint(run_dir / m["checkpoint"])
+    if problem is not None:
+        raise RecipeError(f"eval: the run's final checkpoint {m['checkpoint']} does not verify ({problem}); "
+                          "`smelt train` (or `smelt run`) resumes from the newest good checkpoint and redoes the "
+                          "steps, or pass --checkpoint to evaluate an older one")
+
+
+@locked("smelt eval", lambda a: a["run_dir"])
 def run_eval(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | None = None, *,
              all_checkpoints: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (default: the newest complete one) and write eval/ (module docstring).
@@ -169,6 +188,8 @@ def run_eval(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | None 
             raise RecipeError(f"eval: no complete checkpoint in {ckpt_dir} (run `smelt train` first)")
     else:
         targets = [Path(checkpoint) if checkpoint is not None else run_dir]
+        if checkpoint is None:
+            _check_final_checkpoint(run_dir)
 
     tb = _tb_writer(eval_dir, cfg)
     lm: Any = None

@@ -476,8 +476,13 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
                                       else optimizer.state_dict()["param_groups"])
         _only_tensors(tensors, "state")
         rng_ranks = _gather_rng()
-        with _quiet_single_process():
-            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        try:
+            with _quiet_single_process():
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            raise _save_error(e, tmp, tensors) from e
         _barrier()
 
         if _rank() == 0:
@@ -518,6 +523,34 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
         raise
     _barrier()
     return final
+
+
+def _tensor_bytes(tree: Any) -> int:
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    return tree.numel() * tree.element_size() if isinstance(tree, torch.Tensor) else 0
+
+
+def _save_error(e: BaseException, tmp: Path, tensors: dict[str, Any]) -> BaseException:
+    """DCP wraps write failures in a CheckpointException whose cause may be an OSError, or, for
+    a full disk, the zip writer's "unexpected pos" RuntimeError. Return the OSError (ENOSPC when
+    the free space is below what the tensors need) so callers can name the path and the fix."""
+    import errno
+
+    failures = getattr(e, "failures", None) or {}
+    for f in [e, *(getattr(w, "exception", w) for w in failures.values())]:
+        seen: BaseException | None = f if isinstance(f, BaseException) else None
+        while seen is not None:
+            if isinstance(seen, OSError) and seen.errno is not None:
+                return seen
+            seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(tmp).free
+    except OSError:
+        return e
+    if free < _tensor_bytes(tensors):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    return e
 
 
 def _milestone(path: Path) -> str | None:

@@ -90,7 +90,7 @@ from smelt.model.flops import flops_per_token
 from smelt.tokens.loader import DataExhausted
 from smelt.train import checkpoint as ckpt
 from smelt.train import parallel as par
-from smelt.train.metrics import MetricsWriter, Throughput, memory_gb, peak_flops
+from smelt.train.metrics import MetricsWriter, MfuMeter, Throughput, memory_gb
 from smelt.train.optim import batch_size_at, build_optimizer, grad_accum_steps, lr_at, set_lr, wsd_decay_start
 from smelt.train.stability import StabilityGuard
 
@@ -1031,10 +1031,11 @@ class Trainer:
         """Train to ``train.max_steps``; returns the summary also written to train/manifest.json."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        # Per-device peak times the processes (one device each): MFU of the whole job.
-        peak = peak_flops(cfg.precision, self.device, cfg.peak_tflops) * self.world
+        # Per-device peak times the processes (one device each): MFU of the whole job. A measured
+        # CPU peak is re-measured when a step beats it (it was taken under load); MFU <= 1.
+        mfu = MfuMeter(cfg.precision, self.device, cfg.peak_tflops, world=self.world)
         log.info("training %d steps from step %d on %s (%s); MFU peak %.1f TFLOP/s", cfg.max_steps, self.step,
-                 self.device, cfg.precision, peak / 1e12)
+                 self.device, cfg.precision, mfu.peak / 1e12)
         throughput = Throughput()
         interrupted = False
         last_rate, last_mfu = 0.0, 0.0
@@ -1057,7 +1058,7 @@ class Trainer:
                         rate, seconds = throughput.read()
                         self.timings["train_s"] += seconds
                         last_rate = rate
-                        last_mfu = rate * self.flops_per_token / peak if peak > 0 else 0.0
+                        last_mfu = mfu(rate * self.flops_per_token)
                         self._log_step(result, rate, last_mfu)
                     bar(self.step, result["loss"], last_rate)
                     if self.on_step is not None:
