@@ -259,3 +259,18 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("err,words", [
+    (OSError(28, "No space left on device", "/r/train/x"), "disk is full"),
+    (PermissionError(13, "Permission denied", "/r/data"), "permission denied"),
+    (OSError(30, "Read-only file system", "/r/data"), "read-only"),
+    (OSError(122, "Disk quota exceeded", "/r/x"), "quota"),
+])
+def test_disk_and_permission_errors_are_one_sentence_with_the_path(err: OSError, words: str) -> None:
+    from smelt.fsutil import describe_os_error
+
+    msg = describe_os_error(err)
+    assert msg is not None and err.filename in msg and words in msg and "\n" not in msg
+    assert describe_os_error(FileNotFoundError(2, "No such file", "/x")) is None
+    assert describe_os_error(ValueError("x")) is None
