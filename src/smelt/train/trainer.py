@@ -84,7 +84,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smelt.config import LoaderConfig, Recipe, RecipeError, TrainConfig, config_hash, recipe_to_dict
+from smelt.config import (LoaderConfig, Recipe, RecipeError, TrainConfig, config_hash, recipe_to_dict,
+                          resolve_model_config)
 from smelt.fsutil import atomic_write_json, locked, move_aside, read_json
 from smelt.model.flops import flops_per_token
 from smelt.tokens.loader import DataExhausted
@@ -147,32 +148,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def resolve_model_config(recipe: Recipe, tokens_manifest: dict[str, Any]) -> Any:
-    """``recipe.model`` (default: ModelConfig()) with the vocabulary of ``tokens/manifest.json``
-    filled in, checked against the tokenizer and the loader's sequence length."""
-    from smelt.model.config import ModelConfig
-
-    mcfg = getattr(recipe, "model", None)
-    if mcfg is None:
-        mcfg = ModelConfig()
-    elif isinstance(mcfg, dict):
-        mcfg = ModelConfig.model_validate(mcfg)
-    vocab = tokens_manifest.get("vocab_size")
-    if mcfg.vocab_size is None:
-        if vocab is None:
-            raise RecipeError("invalid recipe:\n  model.vocab_size: not set, and tokens/manifest.json has no "
-                              "vocab_size to take it from")
-        mcfg = mcfg.with_vocab(int(vocab))
-    elif vocab is not None and mcfg.vocab_size < int(vocab):
-        raise RecipeError(f"invalid recipe:\n  model.vocab_size: {mcfg.vocab_size} is smaller than the "
-                          f"tokenizer's vocabulary ({vocab})")
-    seq_len = recipe.loader.seq_len if recipe.loader is not None else 0
-    if seq_len > mcfg.max_seq_len:
-        raise RecipeError(f"invalid recipe:\n  loader.seq_len: {seq_len} exceeds model.max_seq_len "
-                          f"({mcfg.max_seq_len})")
-    return mcfg
 
 
 # Model fields a run may change when it starts from another run's weights: labels, the init

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from smelt.model.config import ModelConfig
+from smelt.config.model import ModelConfig
 
 
 class RecipeError(ValueError):
@@ -584,6 +584,31 @@ class Recipe(Strict):
 
 # An fsspec-style URL (s3://, gs://, hf://, file://, ...): a scheme before "://".
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def resolve_model_config(recipe: Recipe, tokens_manifest: dict[str, Any]) -> ModelConfig:
+    """``recipe.model`` (default: ModelConfig()) with the vocabulary of ``tokens/manifest.json``
+    filled in, checked against the tokenizer and the loader's sequence length: the model the
+    trainer builds, and the one `smelt.train.load` rebuilds from a run directory."""
+    mcfg = getattr(recipe, "model", None)
+    if mcfg is None:
+        mcfg = ModelConfig()
+    elif isinstance(mcfg, dict):
+        mcfg = ModelConfig.model_validate(mcfg)
+    vocab = tokens_manifest.get("vocab_size")
+    if mcfg.vocab_size is None:
+        if vocab is None:
+            raise RecipeError("invalid recipe:\n  model.vocab_size: not set, and tokens/manifest.json has no "
+                              "vocab_size to take it from")
+        mcfg = mcfg.with_vocab(int(vocab))
+    elif vocab is not None and mcfg.vocab_size < int(vocab):
+        raise RecipeError(f"invalid recipe:\n  model.vocab_size: {mcfg.vocab_size} is smaller than the "
+                          f"tokenizer's vocabulary ({vocab})")
+    seq_len = recipe.loader.seq_len if recipe.loader is not None else 0
+    if seq_len > mcfg.max_seq_len:
+        raise RecipeError(f"invalid recipe:\n  loader.seq_len: {seq_len} exceeds model.max_seq_len "
+                          f"({mcfg.max_seq_len})")
+    return mcfg
 
 
 # --------------------------------------------------------------------------------------------
