@@ -19,7 +19,7 @@ import yaml
 from smelt.cli import main
 from smelt.config import parse_recipe
 from smelt.data.curate import AccountingError, check_accounting, run_data_stage
-from smelt.data.io import read_shard
+from smelt.data.shards import read_shard
 from smelt.data.synth import generate
 
 EVAL_ITEM = ("A man is sitting on a roof and he is using a long strip of wrap to cover a pair of old "

@@ -1,4 +1,5 @@
-"""Readers, writers and input resolution (`smelt.data.io`), including every kind of bad input."""
+"""Readers (`smelt.data.readers`), shards (`smelt.data.shards`) and input resolution
+(`smelt.data.inputs`), including every kind of bad input."""
 
 from __future__ import annotations
 
@@ -17,16 +18,10 @@ import zstandard
 
 from smelt.config import InputSource
 from smelt.data.document import Document
-from smelt.data.io import (
-    DataInputError,
-    ShardWriter,
-    detect_format,
-    is_ignored_name,
-    read_documents,
-    read_shard,
-    resolve_files,
-    shard_suffix,
-)
+from smelt.data.errors import DataInputError
+from smelt.data.inputs import is_ignored_name, resolve_files
+from smelt.data.readers import detect_format, read_documents
+from smelt.data.shards import ShardWriter, read_shard, shard_suffix
 
 
 def src(path: Path | str, **kw) -> InputSource:
@@ -201,7 +196,7 @@ def test_jsonl_field_mapping_content_and_name(tmp_path: Path) -> None:
 def test_jsonl_bulky_fields_are_not_copied_to_meta(tmp_path: Path, caplog) -> None:
     path = tmp_path / "x.jsonl"
     path.write_bytes(jsonl_bytes([{"text": "t", "html": "<p>" * 5000, "title": "T"}]))
-    with caplog.at_level(logging.INFO, logger="smelt.data.io"):
+    with caplog.at_level(logging.INFO, logger="smelt.data.readers"):
         (doc,) = read_all(path)
     assert doc.meta == {"title": "T", "source": "x.jsonl:1"}
     assert "'html': 1" in caplog.text
@@ -244,7 +239,7 @@ def test_bad_jsonl_records(tmp_path: Path, caplog) -> None:
     ]) + b"\n")
     skipped: Counter = Counter()
     s = src(path)
-    with caplog.at_level(logging.WARNING, logger="smelt.data.io"):
+    with caplog.at_level(logging.WARNING, logger="smelt.data.readers"):
         docs = list(read_documents(str(path), s, skipped=skipped))
     reasons = [d.meta.get("read_error") for d in docs]
     assert reasons == [None, "invalid_utf8", "invalid_json", "not_an_object", "missing_text",

@@ -67,7 +67,7 @@ class Plan:
 
 def plan_tasks(cfg: DataConfig) -> Plan:
     """Resolve every input to files (errors here come before any work) and group them into tasks."""
-    from smelt.data.io import resolve_files
+    from smelt.data.inputs import resolve_files
 
     files: list[tuple[int, str]] = []
     for si, src in enumerate(cfg.inputs):
@@ -191,7 +191,8 @@ def _sizes(doc: Document) -> tuple[int, int]:
 def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                 decontam_index: str | None) -> dict[str, Any]:
     from smelt.data.dedup.exact import exact_key
-    from smelt.data.io import ShardWriter, read_documents, shard_suffix
+    from smelt.data.readers import read_documents
+    from smelt.data.shards import ShardWriter, shard_suffix
 
     cfg = DataConfig.model_validate_json(cfg_json)
     p = _pipeline(cfg_json, decontam_index)
@@ -291,7 +292,7 @@ class _KeptSink:
     per-domain clean shards (no dedup configured)."""
 
     def __init__(self, out: Path, work: Path, ti: int, fmt: str, direct: bool) -> None:
-        from smelt.data.io import ShardWriter, shard_suffix
+        from smelt.data.shards import ShardWriter, shard_suffix
 
         self._mk = ShardWriter
         self.out, self.ti, self.fmt, self.direct = out, ti, fmt, direct
@@ -418,7 +419,7 @@ def _count_dedup(st: StepStats, domains: np.ndarray, orders: np.ndarray, mask: n
 
 
 def _load_texts(work: Path, n_tasks: int, wanted: set[int]) -> dict[int, str]:
-    from smelt.data.io import read_shard
+    from smelt.data.shards import read_shard
 
     out: dict[int, str] = {}
     for t in range(n_tasks):
@@ -443,7 +444,7 @@ def _dup_map(work: Path) -> dict[int, tuple[int, str]]:
 
 def units_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     from smelt.data.dedup.lines import units
-    from smelt.data.io import read_shard
+    from smelt.data.shards import read_shard
 
     cfg = DataConfig.model_validate_json(cfg_json)
     lc = cfg.dedup.lines
@@ -488,7 +489,7 @@ def count_units_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str
 
 def write_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     from smelt.data.dedup.lines import remove_spans, units
-    from smelt.data.io import ShardWriter, read_shard, shard_suffix
+    from smelt.data.shards import ShardWriter, read_shard, shard_suffix
 
     cfg = DataConfig.model_validate_json(cfg_json)
     lc = cfg.dedup.lines
@@ -623,7 +624,7 @@ def build_stats(filter_res: list[dict[str, Any]], dedup_stats: dict[str, Any],
 
 def check_accounting(stats: dict[str, Any], data_dir: Path, fmt: str) -> None:
     """input = kept + rejected + duplicates, overall and per domain, and on disk."""
-    from smelt.data.io import count_shard
+    from smelt.data.shards import count_shard
 
     problems = []
     for dom, d in stats["by_domain"].items():

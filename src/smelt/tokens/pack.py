@@ -370,16 +370,16 @@ def _read_batches(task: PackTask, batch_chars: int = BATCH_CHARS) -> Iterator[tu
     ``[line, line, ...]``: one C call instead of one per record, and records before
     ``task.start`` are skipped without parsing. Any problem (a batch that is not exactly one
     value per line, a record without ``id``/string ``text``) is then located line by line and
-    named with its line number. Other formats go through `smelt.data.io.read_shard`.
+    named with its line number. Other formats go through `smelt.data.shards.read_shard`.
     """
-    from smelt.data.io import _CORRUPT_ERRORS, _open_input  # the same decompression (truncation-checked)
+    from smelt.data.fs import CORRUPT_ERRORS, open_input  # the same decompression (truncation-checked)
 
     if not task.path.endswith((".jsonl", ".jsonl.zst", ".jsonl.zstd")):
         yield from _read_batches_generic(task, batch_chars)
         return
     n = 0  # lines consumed so far (= records: one per line)
     try:
-        with _open_input(task.path) as stream:
+        with open_input(task.path) as stream:
             lines: list[bytes] = []
             size = 0
             for line in stream:
@@ -396,7 +396,7 @@ def _read_batches(task: PackTask, batch_chars: int = BATCH_CHARS) -> Iterator[tu
                 yield _parse_lines(task, n - len(lines), lines)
     except PackError:
         raise
-    except (*_CORRUPT_ERRORS, OSError) as e:  # damaged zstd, truncated file, missing file, ...
+    except (*CORRUPT_ERRORS, OSError) as e:  # damaged zstd, truncated file, missing file, ...
         raise _read_error(task, n, e) from e
 
 
