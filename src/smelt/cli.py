@@ -336,7 +336,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from smelt.eval.probes import ProbeFormatError
     from smelt.eval.runner import run_eval
     from smelt.eval.tasks import BenchmarkFormatError
-    from smelt.model.load import LoadError
+    from smelt.interop.load import load_model
+    from smelt.model.loaded import LoadError
     from smelt.train.checkpoint import CheckpointError
 
     # The run's recipe.yaml is not rewritten: it is what the checkpoints' model is rebuilt from.
@@ -347,7 +348,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         with RichProgress(not args.quiet) as rp:
             results = run_eval(recipe, run_dir, args.checkpoint, all_checkpoints=args.all_checkpoints,
-                               progress=rp.update if not args.quiet else None)
+                               progress=rp.update if not args.quiet else None, load_model=load_model)
     except (ProbeFormatError, BenchmarkFormatError, LoadError, CheckpointError) as e:
         raise RecipeError(str(e)) from None
     if not args.quiet:
@@ -452,7 +453,7 @@ def _recipe_or_run(arg: str, overrides: list[str]) -> tuple[Recipe | None, Path]
 
 def _interop_errors() -> tuple[type[Exception], ...]:
     from smelt.interop.hf import InteropError
-    from smelt.model.load import LoadError
+    from smelt.model.loaded import LoadError
     from smelt.train.checkpoint import CheckpointError
 
     return InteropError, LoadError, CheckpointError
@@ -495,7 +496,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from smelt.eval.generate import generate_text
-    from smelt.model.load import load_model
+    from smelt.interop.load import load_model
 
     source: Path
     if args.checkpoint is not None:

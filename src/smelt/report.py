@@ -689,7 +689,7 @@ def generate_samples(run_dir: str | Path, recipe: Any | None = None, *, seed: in
             pass
     try:
         from smelt.eval.generate import generate_text
-        from smelt.model.load import load_model
+        from smelt.interop.load import load_model
     except ImportError as e:
         res = {**settings, "error": f"generation is not part of this build ({e})", "samples": []}
         atomic_write_json(path, res)

@@ -15,9 +15,9 @@ from smelt.eval.generate import (
     top_k_filter,
     top_p_filter,
 )
+from smelt.interop.load import load_model
 from smelt.model.config import preset
 from smelt.model.llama import KVCache, Transformer
-from smelt.model.load import load_model
 from tests.interop._helpers import make_run
 
 # init_std 0.2: sharp logits, so greedy choices are far from ties and float noise cannot flip them.

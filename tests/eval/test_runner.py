@@ -16,7 +16,7 @@ from smelt.cli import main
 from smelt.config import load_recipe
 from smelt.eval.runner import evaluate_in_training, run_eval
 from smelt.fsutil import read_json
-from smelt.model.load import load_model
+from smelt.interop.load import load_model
 
 from .util import build_run
 
@@ -128,3 +128,26 @@ def test_broken_checkpoint_is_skipped_by_all_checkpoints(run: Path, tmp_path: Pa
     assert res["step"] == 4
     with open(copy / "eval" / "probes.csv", encoding="utf-8") as f:
         assert {r["step"] for r in csv.DictReader(f)} == {"4"}
+
+
+def test_hf_export_as_checkpoint(run: Path, tmp_path: Path) -> None:
+    """`smelt eval --checkpoint EXPORT` reads a Hugging Face directory through the loader the CLI
+    passes (`smelt.interop.load.load_model`); `run_eval`'s default loader reads runs and
+    checkpoints only, and says so."""
+    from smelt.interop.hf import export_run
+    from smelt.model.loaded import LoadError
+
+    src = load_recipe(run).run_dir
+    copy = tmp_path / "runs" / "tiny"
+    shutil.copytree(src, copy, symlinks=True)
+    sets = [f"runs_dir={tmp_path / 'runs'}", "eval.run=[perplexity]", "eval.tensorboard=false"]
+    recipe = load_recipe(run, sets)
+    export = export_run(recipe, copy, out_dir=tmp_path / "export")
+    with pytest.raises(LoadError, match="a Hugging Face directory"):
+        run_eval(recipe, copy, export)
+    rc = main(["eval", str(run), "-q", "--checkpoint", str(export), *[a for s in sets for a in ("--set", s)]])
+    assert rc == 0
+    res = read_json(copy / "eval" / "results.json")
+    assert res["checkpoint"] == str(export) and res["step"] == 4
+    ours = run_eval(recipe, copy)["perplexity"]["en"]["ppl"]
+    assert res["perplexity"]["en"]["ppl"] == pytest.approx(ours, rel=1e-4)

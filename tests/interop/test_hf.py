@@ -22,9 +22,9 @@ from smelt.interop.hf import (
     permute_meta_to_hf,
     read_hf_weights,
 )
+from smelt.interop.load import load_model
 from smelt.model.config import preset
 from smelt.model.llama import Transformer
-from smelt.model.load import load_model
 from tests.interop._helpers import TEXTS, make_run
 
 # rope_theta 5e5 (LLaMA-3's), not the default: an export that dropped it would fail parity.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smelt.interop.hf import export_hf
-from smelt.model.load import load_model
+from smelt.interop.load import load_model
 from tests.interop._helpers import make_run
 
 pytest.importorskip("lm_eval")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from smelt.model.load import LoadedModel
+    from smelt.model.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 

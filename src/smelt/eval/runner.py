@@ -1,7 +1,9 @@
 """`smelt eval`: evaluate a checkpoint of a run, or every checkpoint's probes.
 
-`run_eval(recipe, run_dir)` loads the newest complete checkpoint (or ``checkpoint``) with
-`smelt.model.load.load_model`, runs the parts named in ``eval.run`` and writes ``run_dir/eval/``::
+`run_eval(recipe, run_dir)` loads the newest complete checkpoint (or ``checkpoint``) with the
+loader it is given (`smelt eval` passes `smelt.interop.load.load_model`, which also reads a Hugging
+Face directory; by default `smelt.train.load.load_checkpoint_model`, run and checkpoint directories),
+runs the parts named in ``eval.run`` and writes ``run_dir/eval/``::
 
     results.json   {"checkpoint", "step", "tokens_seen",
                     "perplexity": {domain: {"loss", "ppl", "bits_per_byte", "word_ppl", "tokens", "bytes", "docs"}},
@@ -38,6 +40,7 @@ from smelt.eval.perplexity import HeldOutDoc, document_prefix_id, held_out_docum
 from smelt.eval.probes import Probe, load_probe_files, run_probes, write_history
 from smelt.eval.tasks import evaluate_task
 from smelt.fsutil import atomic_write_json, atomic_write_text, locked, read_json
+from smelt.model.loaded import ModelLoader
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +150,19 @@ def _check_final_checkpoint(run_dir: Path) -> None:
 
 @locked("smelt eval", lambda a: a["run_dir"])
 def run_eval(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | None = None, *,
-             all_checkpoints: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             all_checkpoints: bool = False, progress: Progress | None = None,
+             load_model: ModelLoader | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (default: the newest complete one) and write eval/ (module docstring).
 
     ``all_checkpoints``: the probes of every complete checkpoint in train/checkpoints (probes.csv,
-    probes.png, TensorBoard), then the full evaluation of the newest. Returns results.json's content.
+    probes.png, TensorBoard), then the full evaluation of the newest. ``load_model(path, dtype=,
+    device=)`` loads each model (default: run and checkpoint directories only). Returns
+    results.json's content.
     """
-    from smelt.model.load import load_model
     from smelt.train.checkpoint import list_checkpoints, verify_checkpoint
+    from smelt.train.load import load_checkpoint_model
+
+    read_model = load_model or load_checkpoint_model
 
     run_dir = Path(run_dir)
     cfg = recipe.eval or EvalConfig()
@@ -168,7 +176,7 @@ def run_eval(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | None 
     t0 = time.perf_counter()
 
     def load(path: Path) -> Any:
-        lm = load_model(path, dtype=dtype, device=device)
+        lm = read_model(path, dtype=dtype, device=device)
         if lm.tokenizer is None:
             raise RecipeError(f"eval: {path} has no tokenizer (expected {run_dir / 'tokenizer' / 'tokenizer.json'})")
         return lm

@@ -49,10 +49,10 @@ from torch import Tensor, nn
 
 from smelt.fsutil import atomic_write_json, locked, move_aside, read_json
 from smelt.model.config import ModelConfig
+from smelt.model.loaded import LoadedModel, cast_parameters
 
 if TYPE_CHECKING:
     from smelt.config import Recipe
-    from smelt.model.load import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,6 @@ def export_hf(loaded_or_model: LoadedModel | nn.Module, tokenizer_path: str | Pa
     directory does not reproduce the model's logits or tokenization.
     """
     from smelt.model.llama import to_hf_state_dict
-    from smelt.model.load import LoadedModel
 
     t0 = time.perf_counter()
     loaded = loaded_or_model if isinstance(loaded_or_model, LoadedModel) else None
@@ -542,7 +541,7 @@ def export_run(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | Non
     the same settings is left as it is unless ``force``.
     """
     from smelt.config import ExportConfig, config_hash
-    from smelt.model.load import load_model, resolve_checkpoint
+    from smelt.train.load import load_checkpoint_model, resolve_checkpoint
 
     cfg = recipe.export or ExportConfig()
     run_dir = Path(run_dir)
@@ -557,7 +556,7 @@ def export_run(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | Non
                 and all((out / f).is_file() for f in done.get("files", {}))):
             log.info("export: %s is up to date (%s); nothing to do", out, ckpt.name)
             return out
-    loaded = load_model(ckpt)
+    loaded = load_checkpoint_model(ckpt)
     return export_hf(loaded, loaded.tokenizer_path, out, shard_size=cfg.max_shard_size, dtype=cfg.dtype,
                      atol=cfg.parity_atol, provenance={"settings_hash": settings})
 
@@ -608,12 +607,10 @@ def load_hf_model(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     """A `LoadedModel` from an HF Llama directory (a smelt export or any Llama-architecture model)."""
     from tokenizers import Tokenizer
 
-    from smelt.model.load import LoadedModel, _cast_parameters
-
     hf_dir = Path(hf_dir)
     cfg, model, config = _hf_model(hf_dir)
     model.to(device)
-    _cast_parameters(model, dtype)
+    cast_parameters(model, dtype)
     tok_path = hf_dir / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
     src = read_json(hf_dir / MANIFEST_FILE).get("source", {}) if (hf_dir / MANIFEST_FILE).is_file() else {}
@@ -646,7 +643,8 @@ def _copy_tokenizer(hf_dir: Path, out: Path) -> bool:
 
 @locked("smelt import", lambda a: a["out_dir"])
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, atol: float = PARITY_ATOL) -> Path:
-    """Import an HF Llama directory as a smelt run directory that `load_model` and `smelt train` read.
+    """Import an HF Llama directory as a smelt run directory that `smelt.interop.load.load_model` and
+    `smelt train` read.
 
     Writes (atomically)::
 
@@ -663,8 +661,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, atol: float = PARITY_A
 
     from smelt.config import load_recipe, recipe_to_dict
     from smelt.fsutil import atomic_write_text
-    from smelt.model.load import load_model
     from smelt.train.checkpoint import save_checkpoint
+    from smelt.train.load import load_checkpoint_model
 
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -683,7 +681,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, atol: float = PARITY_A
         save_checkpoint(tmp / "train" / "checkpoints", 0, model, opt,
                         {"step": 0, "tokens_seen": 0, "samples_seen": 0, "imported_from": str(hf_dir.resolve())})
         del model, opt
-        back = load_model(tmp)  # exactly what training and evaluation will read
+        back = load_checkpoint_model(tmp)  # exactly what training and evaluation will read
         delta = check_logits_parity(back.model, hf_dir, _parity_inputs(cfg.vocab_size, cfg.max_seq_len,
                                                                         back.tokenizer), atol=atol)
         atomic_write_json(tmp / IMPORT_MANIFEST_FILE, {

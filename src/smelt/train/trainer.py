@@ -178,7 +178,7 @@ def check_init_compatible(path: Path, source_run: Path | None, model_cfg: Any) -
 
     src_cfg = None
     if source_run is not None:
-        from smelt.model.load import run_model_config
+        from smelt.train.load import run_model_config
 
         try:
             src_cfg, _ = run_model_config(source_run)
@@ -651,7 +651,7 @@ class Trainer:
 
     def _resolve_init_from(self, source: str) -> Path:
         """``train.init_from`` -> a verified checkpoint directory, checked against this run's model."""
-        from smelt.model.load import resolve_checkpoint
+        from smelt.train.load import resolve_checkpoint
 
         path, src_run = resolve_checkpoint(source)  # verifies it (CheckpointError naming the problem)
         path = path.resolve()
@@ -947,7 +947,7 @@ class Trainer:
         return every
 
     def _tokenizer_for_eval(self) -> Any:
-        """The run's tokenizer (``tokenizer/tokenizer.json``, as `smelt.model.load` finds it)."""
+        """The run's tokenizer (``tokenizer/tokenizer.json``, as `smelt.train.load` finds it)."""
         if self._eval_tokenizer is None:
             from tokenizers import Tokenizer
 

@@ -1,4 +1,4 @@
-"""Load a trained model for inference: `load_model(path)` from a run, a checkpoint or an HF export.
+"""Read a training run back as a model: `load_checkpoint_model(path)` from a run or a checkpoint.
 
 ``path`` may be:
 
@@ -6,87 +6,52 @@
   ``train/checkpoints`` that verifies (`smelt.train.checkpoint.find_latest`; broken newer ones
   are skipped with a warning);
 - a **checkpoint directory** (``.../train/checkpoints/step-NNNNNNN/``): that checkpoint; the run
-  directory is three levels up (recipe, tokens manifest and tokenizer are read from there);
-- a **Hugging Face directory** (``config.json`` + ``model.safetensors`` or its sharded index):
-  an export of `smelt export`, or any Llama-architecture model (`smelt.interop.hf`).
+  directory is three levels up (recipe, tokens manifest and tokenizer are read from there).
 
-For a run, the architecture is rebuilt exactly as the trainer built it: the run's resolved
-``recipe.yaml`` through `smelt.train.trainer.resolve_model_config`, with the vocabulary of
+A Hugging Face directory is read by `smelt.interop.hf.load_hf_model`; `smelt.interop.load.load_model`
+takes any of the three. For a run, the architecture is rebuilt exactly as the trainer built it: the
+run's resolved ``recipe.yaml`` through `smelt.config.resolve_model_config`, with the vocabulary of
 ``tokens/manifest.json``. The checkpoint is verified before any tensor is read, so a truncated
 or half-written checkpoint gives an error naming the file and what is wrong with it, never a
 stack trace from inside DCP. Only the model's tensors are loaded (no optimizer, no RNG restore:
-loading a model must not change the caller's random state).
+loading a model must not change the caller's random state). The trainer uses `resolve_checkpoint`
+and `run_model_config` for ``train.init_from``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from smelt.config import load_recipe, resolve_model_config
 from smelt.fsutil import read_json
 from smelt.model.config import ModelConfig
+from smelt.model.loaded import LoadedModel, LoadError, cast_parameters
+from smelt.train.checkpoint import (CheckpointError, find_latest, load_checkpoint, read_trainer_state,
+                                    verify_checkpoint)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "LoadError", "load_model", "resolve_checkpoint", "run_model_config"]
+__all__ = ["load_checkpoint_model", "resolve_checkpoint", "run_model_config", "is_checkpoint", "LoadedModel",
+           "LoadError"]
 
 
-class LoadError(FileNotFoundError):
-    """The path holds no loadable model (message names the path and what is missing or broken)."""
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode plus what is needed to use it (tokenizer, provenance)."""
-
-    model: nn.Module
-    cfg: ModelConfig
-    tokenizer: Any | None  # tokenizers.Tokenizer, or None when the run has none
-    tokenizer_path: Path | None
-    step: int | None  # optimizer steps done (None for an HF directory without smelt metadata)
-    tokens_seen: int | None
-    checkpoint: Path  # the checkpoint directory (or the HF directory) the weights came from
-    run_dir: Path | None
-    special_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/pad ids when known
-    add_bos: bool = False  # the packer put BOS before every document (tokens/manifest.json add_bos)
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.special_ids.get("eos")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.special_ids.get("bos")
-
-    @property
-    def pad_id(self) -> int | None:
-        return self.special_ids.get("pad")
-
-
-def _is_checkpoint(p: Path) -> bool:
+def is_checkpoint(p: Path) -> bool:
+    """A DCP checkpoint directory (``.metadata``) or one with smelt's ``trainer_state.json``."""
     return (p / ".metadata").is_file() or (p / "trainer_state.json").is_file()
-
-
-def _is_hf_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and (
-        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(checkpoint dir, run dir) for a run or checkpoint directory; LoadError when there is none."""
-    from smelt.train.checkpoint import CheckpointError, find_latest, verify_checkpoint
-
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
     if path.is_file() and path.name == "recipe.yaml":
         path = path.parent
-    if _is_checkpoint(path):
+    if is_checkpoint(path):
         problem = verify_checkpoint(path)
         if problem is not None:
             raise CheckpointError(f"{path}: incomplete or corrupt checkpoint: {problem}")
@@ -107,9 +72,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
 def run_model_config(run_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The run's model config as the trainer resolved it, and its tokens manifest ({} if none)."""
-    from smelt.config import load_recipe
-    from smelt.train.trainer import resolve_model_config
-
     recipe = load_recipe(run_dir / "recipe.yaml")
     manifest_path = run_dir / "tokens" / "manifest.json"
     manifest: dict[str, Any] = read_json(manifest_path) if manifest_path.is_file() else {}
@@ -147,25 +109,15 @@ def _load_tokenizer(path: Path | None) -> Any | None:
     return Tokenizer.from_file(str(path))
 
 
-def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast parameters only: buffers (RoPE inverse frequencies) stay fp32, as the model computes
-    its rotation angles in fp32 (bf16 frequencies would shift positions beyond ~256)."""
-    for p in model.parameters():  # a tied weight is one Parameter: cast once, stays tied
-        p.data = p.data.to(dtype)
-
-
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load the model at ``path`` (run dir, checkpoint dir or HF dir; see the module docstring)."""
-    path = Path(path)
-    if path.is_dir() and _is_hf_dir(path) and not _is_checkpoint(path):
-        from smelt.interop.hf import load_hf_model
-
-        return load_hf_model(path, dtype=dtype, device=device)
-
+def load_checkpoint_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                          device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the model of the run or checkpoint directory ``path`` (see the module docstring)."""
     from smelt.model.llama import Transformer
-    from smelt.train.checkpoint import load_checkpoint, read_trainer_state
 
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "recipe.yaml").is_file() and not is_checkpoint(path):
+        raise LoadError(f"{path}: a Hugging Face directory, not a run or checkpoint (`smelt.interop.load.load_model` "
+                        f"reads both)")
     ckpt, run_dir = resolve_checkpoint(path)
     if run_dir is None:
         raise LoadError(f"{ckpt}: checkpoint outside a run directory (expected <run>/train/checkpoints/"
@@ -186,7 +138,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     model.init_weights()  # also re-ties a tied output and fills the RoPE buffers
     state = read_trainer_state(ckpt)
     load_checkpoint(ckpt, model, None, restore_rng=False)
-    _cast_parameters(model, dtype)
+    cast_parameters(model, dtype)
     model.eval()
     log.info("load: %s (step %s, %s tokens) from %s", cfg.preset or "custom model", state.get("step"),
              f"{state.get('tokens_seen', 0):,}", ckpt)

@@ -1,4 +1,5 @@
-"""`load_model`: run dir, checkpoint dir, newest-complete fallback, clear errors."""
+"""`smelt.interop.load.load_model`: run dir, checkpoint dir, newest-complete fallback, clear errors (HF
+directories: tests/interop/test_hf.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smelt.model.load import LoadError, load_model
+from smelt.interop.load import LoadError, load_model
 from smelt.train.checkpoint import CheckpointError
 from tests.interop._helpers import make_run
 
