@@ -222,6 +222,14 @@ class LineDedupConfig(StepConfig):
     skip_domains: list[str] = Field(default_factory=lambda: ["code"], description="Never apply to these domains.")
 
 
+class RegisteredStepConfig(StepConfig):
+    """A step from the curation step registry (`smelt.data.steps.registry`), e.g. a model-based filter."""
+
+    name: str = Field(description="Registered step name; an unknown name fails before any work.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The step's own settings, validated by the options model it registered.")
+
+
 class DedupConfig(Strict):
     exact: ExactDedupConfig = Field(default_factory=ExactDedupConfig)
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
@@ -244,6 +252,9 @@ class DataConfig(Strict):
     pii: PIIConfig = Field(default_factory=PIIConfig)
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    steps: list[RegisteredStepConfig] = Field(
+        default_factory=list, description="Registered steps (quality classifier, reference-LM perplexity, ...), run in "
+        "this order after blocklist and before pii.")
 
     @field_validator("inputs")
     @classmethod

@@ -3,9 +3,11 @@
 Work is split into phases. Per-task phases run in the process pool (one task = a group of
 input files, see `executor.local`); global phases are cheap array operations in one process.
 
-    1 filter   (per task)  read -> normalize -> language -> heuristics -> blocklist -> decontam
-                           -> pii; rejects go straight to rejects/; survivors go to a work
-                           shard with their exact-dedup key and MinHash signature.
+    1 filter   (per task)  read -> normalize -> language -> decontam -> heuristics -> blocklist
+                           -> registered steps (data.steps) -> pii, each built from the step
+                           registry (`smelt.data.steps.registry`); rejects go straight to
+                           rejects/; survivors go to a work shard with their exact-dedup key
+                           and MinHash signature.
     2 dedup    (global)    exact duplicates (first occurrence wins), then MinHash LSH: one pass
                            per band -> candidate pairs -> union-find clusters (optionally with
                            Jaccard verification) -> duplicate map {order: kept order}.
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from smelt.config import DataConfig, StepConfig, config_hash, recipe_to_dict
+from smelt.config import DataConfig, RegisteredStepConfig, StepConfig, config_hash, recipe_to_dict
 from smelt.data.document import Document
 from smelt.data.executor.local import default_workers, make_pool, run_tasks
 from smelt.data.pipeline import Step, StepStats, mark_rejected
@@ -66,9 +68,12 @@ class Plan:
 
 
 def plan_tasks(cfg: DataConfig) -> Plan:
-    """Resolve every input to files (errors here come before any work) and group them into tasks."""
+    """Resolve every input to files and check the registered steps (errors here come before any
+    work), and group the files into tasks."""
     from smelt.data.inputs import resolve_files
+    from smelt.data.steps.registry import check_steps
 
+    check_steps(cfg)
     files: list[tuple[int, str]] = []
     for si, src in enumerate(cfg.inputs):
         for f in resolve_files(src):
@@ -87,9 +92,23 @@ def _file_fingerprint(path: str) -> list[Any]:
 
 
 def stage_key(cfg: DataConfig, plan: Plan) -> str:
-    """What the stage's outputs depend on: the config and the input files (name, size, mtime)."""
-    return config_hash({"config": recipe_to_dict(cfg), "version": FORMAT_VERSION,
-                        "files": [_file_fingerprint(f) for _, f in plan.files]})
+    """What the stage's outputs depend on: the config, the input files (name, size, mtime) and,
+    for registered steps and formats from outside smelt.data, the code they name."""
+    from smelt.data.readers import registered_readers
+    from smelt.data.steps.registry import registered_steps
+
+    conf = recipe_to_dict(cfg)
+    key: dict[str, Any] = {"config": conf, "version": FORMAT_VERSION,
+                           "files": [_file_fingerprint(f) for _, f in plan.files]}
+    if not conf["steps"]:
+        del conf["steps"]  # the key of a recipe without registered steps is as it always was
+    else:
+        entries = registered_steps()
+        key["steps"] = {s.name: [entries[s.name].factory, entries[s.name].options] for s in cfg.steps}
+    outside = {n: e.read for n, e in registered_readers().items() if not e.read.startswith("smelt.data.")}
+    if outside:
+        key["readers"] = outside
+    return config_hash(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,32 +147,50 @@ class ReadCheck(Step):
         return None
 
 
-def build_pipeline(cfg: DataConfig, decontam_index: Path | None) -> Pipeline:
-    from smelt.data.steps.blocklist import BlocklistFilter
-    from smelt.data.steps.heuristics import build_heuristic_steps
-    from smelt.data.steps.language import LanguageFilter
-    from smelt.data.steps.normalize import Normalizer
-    from smelt.data.steps.redact import PIIRedactor
+def pipeline_steps(cfg: DataConfig) -> list[tuple[str, StepConfig]]:
+    """The enabled steps after ``read``, in the order they run, each with its recipe section.
 
-    steps: list[tuple[Step, StepConfig | None]] = []
-    if cfg.normalize.enabled:
-        steps.append((Normalizer(cfg.normalize), cfg.normalize))
-    if cfg.language.enabled:
-        steps.append((LanguageFilter(cfg.language), cfg.language))
-    # Decontamination before the heuristics: C4 rewrites text (drops unpunctuated lines) and
-    # could remove exactly the copied evaluation item that should have rejected the document.
-    if cfg.decontam.enabled and cfg.decontam.sources:
-        from smelt.data.steps.decontam import DecontamFilter, DecontamIndex
+    Decontamination comes before the heuristics: C4 rewrites text (drops unpunctuated lines) and
+    could remove exactly the copied evaluation item that should have rejected the document.
+    Gopher quality before repetition: see `build_heuristic_steps`. Registered steps
+    (``data.steps``, e.g. a model-based quality filter) follow the rule-based filters, so the
+    costly ones only see what the cheap ones kept. PII last: it rewrites text, and earlier steps
+    (decontam in particular) should see the original.
+    """
+    h = cfg.heuristics
+    named: list[tuple[str, StepConfig]] = [("normalize", cfg.normalize), ("language", cfg.language)]
+    if cfg.decontam.sources:
+        named.append(("decontam", cfg.decontam))
+    named += [("gopher_quality", h.gopher_quality), ("gopher_repetition", h.gopher_repetition),
+              ("c4", h.c4), ("fineweb", h.fineweb), ("blocklist", cfg.blocklist)]
+    named += [(s.name, s) for s in cfg.steps]
+    named.append(("pii", cfg.pii))
+    return [(name, c) for name, c in named if c.enabled]
 
-        index = DecontamIndex.load(decontam_index) if decontam_index else None
-        steps.append((DecontamFilter(cfg.decontam, index), cfg.decontam))
-    for step in build_heuristic_steps(cfg.heuristics):
-        steps.append((step, getattr(cfg.heuristics, step.name)))
-    if cfg.blocklist.enabled:
-        steps.append((BlocklistFilter(cfg.blocklist), cfg.blocklist))
-    # PII last: it rewrites text, and earlier steps (decontam in particular) should see the original.
-    if cfg.pii.enabled:
-        steps.append((PIIRedactor(cfg.pii), cfg.pii))
+
+def _step_config(name: str, section: StepConfig) -> Any:
+    """What a step's factory gets: its recipe section, or a registered step's validated options."""
+    from smelt.data.steps.registry import step_options
+
+    return step_options(name, section.options) if isinstance(section, RegisteredStepConfig) else section
+
+
+def prepare_steps(cfg: DataConfig, work_dir: Path) -> None:
+    """Each step's one-off shared work (the decontamination index), in this process."""
+    from smelt.data.steps.registry import StepContext, prepare_step
+
+    ctx = StepContext(data=cfg, work_dir=work_dir)
+    for name, section in pipeline_steps(cfg):
+        prepare_step(name, _step_config(name, section), ctx)
+
+
+def build_pipeline(cfg: DataConfig, work_dir: Path | None) -> Pipeline:
+    """The steps of `pipeline_steps`, each built by its factory in the step registry."""
+    from smelt.data.steps.registry import StepContext, build_step
+
+    ctx = StepContext(data=cfg, work_dir=work_dir)
+    steps = [(build_step(name, _step_config(name, section), ctx), section)
+             for name, section in pipeline_steps(cfg)]
     hasher = None
     if cfg.dedup.minhash.enabled:
         from smelt.data.dedup.minhash import MinHasher
@@ -162,15 +199,33 @@ def build_pipeline(cfg: DataConfig, decontam_index: Path | None) -> Pipeline:
     return Pipeline(steps=steps, read=ReadCheck(cfg.min_doc_chars, cfg.max_doc_chars), hasher=hasher)
 
 
+def registries() -> dict[str, Any]:
+    """This process's reader and step registrations, sent with every task: spawned workers
+    start with the built-in ones only (see `smelt.data.plugins`)."""
+    from smelt.data.readers import registered_readers
+    from smelt.data.steps.registry import registered_steps
+
+    return {"readers": registered_readers(), "steps": registered_steps()}
+
+
+def _restore_registries(reg: dict[str, Any] | None) -> None:
+    if reg:
+        from smelt.data.readers import restore_readers
+        from smelt.data.steps.registry import restore_steps
+
+        restore_readers(reg["readers"])
+        restore_steps(reg["steps"])
+
+
 _PIPELINES: dict[str, Pipeline] = {}
 
 
-def _pipeline(cfg_json: str, decontam_index: str | None) -> Pipeline:
-    key = cfg_json + str(decontam_index)
+def _pipeline(cfg_json: str, work_dir: str | None) -> Pipeline:
+    key = cfg_json + str(work_dir)
     p = _PIPELINES.get(key)
     if p is None:
         cfg = DataConfig.model_validate_json(cfg_json)
-        p = _PIPELINES[key] = build_pipeline(cfg, Path(decontam_index) if decontam_index else None)
+        p = _PIPELINES[key] = build_pipeline(cfg, Path(work_dir) if work_dir else None)
     return p
 
 
@@ -189,13 +244,14 @@ def _sizes(doc: Document) -> tuple[int, int]:
 
 
 def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
-                decontam_index: str | None) -> dict[str, Any]:
+                registries: dict[str, Any] | None = None) -> dict[str, Any]:
     from smelt.data.dedup.exact import exact_key
     from smelt.data.readers import read_documents
     from smelt.data.shards import ShardWriter, shard_suffix
 
+    _restore_registries(registries)
     cfg = DataConfig.model_validate_json(cfg_json)
-    p = _pipeline(cfg_json, decontam_index)
+    p = _pipeline(cfg_json, str(Path(data_dir) / WORK))
     _reset_stats(p)
     out = Path(data_dir)
     work = out / WORK / "filter"
@@ -680,13 +736,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     timings: dict[str, float] = {}
     cfg_json = cfg.model_dump_json()
 
-    decontam_index = None
-    if cfg.decontam.enabled and cfg.decontam.sources:
-        decontam_index = work / "decontam_index.npz"
-        if not decontam_index.is_file():
-            from smelt.data.steps.decontam import DecontamIndex
-
-            DecontamIndex.from_config(cfg.decontam).save(decontam_index)
+    prepare_steps(cfg, work)  # e.g. the decontamination index, built once for all tasks
     n_tasks = len(plan.tasks)
 
     pool = make_pool(min(n_workers, n_tasks))
@@ -699,7 +749,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         return res
 
     try:
-        stats = _run_phases(cfg, plan, data_dir, work, cfg_json, decontam_index, n_tasks, phase, timings)
+        stats = _run_phases(cfg, plan, data_dir, work, cfg_json, n_tasks, phase, timings)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -715,14 +765,13 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     return stats
 
 
-def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_json: str,
-                decontam_index: Path | None, n_tasks: int, phase: Callable[..., list[dict[str, Any]]],
-                timings: dict[str, float]) -> dict[str, Any]:
+def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_json: str, n_tasks: int,
+                phase: Callable[..., list[dict[str, Any]]], timings: dict[str, float]) -> dict[str, Any]:
     """Phases 1-5 (each skipped where its markers say it is done); returns the stats funnel."""
     filter_res = phase("filter", functools.partial(
         filter_task, cfg_json=cfg_json, plan=plan.to_dict(), data_dir=str(data_dir),
-        decontam_index=str(decontam_index) if decontam_index else None), "filter.done")
-    step_order = ["read"] + [n for n in _step_names(cfg)]
+        registries=registries()), "filter.done")
+    step_order = ["read"] + [name for name, _ in pipeline_steps(cfg)]
     if is_direct(cfg):
         empty = {"steps": {}, "cluster_sizes": {}}
         return build_stats(filter_res, empty, [r["write"] for r in filter_res], step_order)
@@ -747,25 +796,6 @@ def _remove_stale_temp_files(data_dir: Path) -> None:
     for f in data_dir.rglob(".*"):
         if f.is_file() and ".tmp" in f.name:
             f.unlink(missing_ok=True)
-
-
-def _step_names(cfg: DataConfig) -> list[str]:
-    names = []
-    if cfg.normalize.enabled:
-        names.append("normalize")
-    if cfg.language.enabled:
-        names.append("language")
-    if cfg.decontam.enabled and cfg.decontam.sources:
-        names.append("decontam")
-    h = cfg.heuristics
-    for n in ("gopher_quality", "gopher_repetition", "c4", "fineweb"):
-        if getattr(h, n).enabled:
-            names.append(n)
-    if cfg.blocklist.enabled:
-        names.append("blocklist")
-    if cfg.pii.enabled:
-        names.append("pii")
-    return names
 
 
 def clean_shard_files(data_dir: Path) -> dict[str, list[Path]]:
