@@ -1,4 +1,5 @@
-"""The `Step` protocol, per-step statistics, and pipeline assembly from the recipe.
+"""The `Step` protocol and per-step statistics (the pipeline is assembled from the recipe by
+`smelt.data.curate.build_pipeline`, through `smelt.data.steps.registry`).
 
 A step sees one `Document` at a time and answers one question: keep it (return ``None``,
 possibly after rewriting ``doc.text`` or adding to ``doc.meta``), or reject it with a short
