@@ -13,7 +13,7 @@ weights (`to_hf_state_dict`), so the first losses agree, which the script prints
     smelt compiled sdpa  + torch.compile of forward + loss (inductor), SDPA attention
     smelt compiled     compiled with explicit attention: smelt's best configuration
     smelt compiled per-block  each block compiled + the loss compiled apart: what the trainer
-                       does with train.compile (trainer.apply_compile + _compiled_token_losses)
+                       does with train.compile (build.apply_compile + loss.compiled_token_losses)
     hf compiled        HF compiled the same way, foreach AdamW (only with --hf-compile)
     hf eager-attn      HF with attn_implementation="eager" (only with --hf-eager-attn)
 

@@ -311,6 +311,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from smelt.eval.runner import InTrainingEvaluator
     from smelt.tokens.loader import DataExhausted
     from smelt.train.stability import TrainingDiverged
     from smelt.train.trainer import train
@@ -319,7 +320,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not (run_dir / "tokens" / "manifest.json").is_file():
         raise RecipeError(f"{run_dir / 'tokens'} has no manifest (run `smelt pack {args.recipe}` first)")
     try:
-        summary = train(recipe, run_dir, resume=args.resume, progress=not args.quiet)
+        summary = train(recipe, run_dir, resume=args.resume, progress=not args.quiet,
+                        evaluator=InTrainingEvaluator(recipe, run_dir))
     except (DataExhausted, TrainingDiverged) as e:
         print(f"smelt: training stopped: {e}", file=sys.stderr)
         return 1

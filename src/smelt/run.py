@@ -360,7 +360,8 @@ def _pack_run(ctx: Ctx) -> dict[str, Any]:
 # train -----------------------------------------------------------------------------------------
 
 def _train_key(ctx: Ctx) -> str:
-    from smelt.train.trainer import resolve_model_config, run_config_hash
+    from smelt.config import resolve_model_config
+    from smelt.train.resume import run_config_hash
 
     tm = ctx.run_dir / "tokens" / "manifest.json"
     manifest = read_json(tm) if tm.is_file() else {}
@@ -386,13 +387,15 @@ def _train_done(ctx: Ctx) -> bool:
 
 
 def _train_run(ctx: Ctx) -> dict[str, Any]:
+    from smelt.eval.runner import InTrainingEvaluator
     from smelt.train.trainer import train
 
     if not (ctx.run_dir / "tokens" / "manifest.json").is_file():
         raise RecipeError(f"{ctx.run_dir / 'tokens'} has no manifest (the pack stage has not run)")
     # Resume whatever is there (the trainer stops with the differing keys when the recipe changed
     # what the steps already taken depend on); start over, moving train/ aside, only when asked.
-    summary = train(ctx.recipe, ctx.run_dir, resume=False if ctx.force else None, progress=ctx.progress is not None)
+    summary = train(ctx.recipe, ctx.run_dir, resume=False if ctx.force else None, progress=ctx.progress is not None,
+                    evaluator=InTrainingEvaluator(ctx.recipe, ctx.run_dir))
     if summary.get("interrupted"):
         raise StageInterrupted(f"training interrupted at step {summary.get('steps')} (checkpoint saved)")
     if not summary.get("complete"):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from smelt.config import Recipe, RecipeError
+from smelt.eval.runner import InTrainingEvaluator
 from smelt.model.config import ModelConfig, preset
 from smelt.model.llama import Transformer
 from smelt.tokens.loader import MixtureLoader
@@ -526,7 +527,7 @@ def test_init_from_loads_weights_only(tmp_path: Path, tokens: Path, caplog: pyte
     assert not torch.equal(_params(fresh.model)["output.weight"], a_params["output.weight"])
 
     # Once B has its own checkpoint, resuming ignores init_from (and keeps its provenance).
-    caplog.set_level("INFO", logger="smelt.train.trainer")
+    caplog.set_level("INFO", logger="smelt.train")
     longer = train(_recipe(max_steps=4, init_from=str(a_run), schedule={"kind": "constant", "warmup_steps": 0}),
                    tmp_path / "b-a", progress=False)
     assert longer["resumed_from"] == "step-0000002" and longer["init_from"] == b.init_from
@@ -622,11 +623,12 @@ def test_in_training_eval_keeps_resume_exact(tmp_path: Path, tokens: Path) -> No
     plain = _recipe(max_steps=12, tensorboard=True)
     Trainer(plain, runs["plain"], progress=False).run()
     recipe = _eval_recipe(probes, max_steps=12, tensorboard=True)
-    straight = Trainer(recipe, runs["eval"], progress=False)
+    straight = Trainer(recipe, runs["eval"], progress=False, evaluator=InTrainingEvaluator(recipe, runs["eval"]))
     summary = straight.run()
-    with pytest.raises(_Crash):
-        Trainer(recipe, runs["crashy"], progress=False, on_step=_crash_at(7)).run()  # evals at 3, 6; ckpt at 4
-    resumed = Trainer(recipe, runs["crashy"], progress=False)
+    with pytest.raises(_Crash):  # evals at 3, 6; ckpt at 4
+        Trainer(recipe, runs["crashy"], progress=False, on_step=_crash_at(7),
+                evaluator=InTrainingEvaluator(recipe, runs["crashy"])).run()
+    resumed = Trainer(recipe, runs["crashy"], progress=False, evaluator=InTrainingEvaluator(recipe, runs["crashy"]))
     assert resumed.resumed_from == "step-0000004"
     resumed.run()
 
@@ -667,7 +669,8 @@ def test_in_training_eval_restores_rng_and_mode(tmp_path: Path, tokens: Path) ->
     probes = tmp_path / "probes.yaml"
     probes.write_text("- {name: next, prompt: 'w40', target: ' w41'}\n")
     run = _run_dir(tmp_path, tokens)
-    trainer = Trainer(_eval_recipe(probes, max_steps=1), run, progress=False)
+    recipe = _eval_recipe(probes, max_steps=1)
+    trainer = Trainer(recipe, run, progress=False, evaluator=InTrainingEvaluator(recipe, run))
     assert trainer.eval_every == 3
     _add_tokenizer(run)  # after construction: the tokenizer is read at the first evaluation
     torch.manual_seed(5)
@@ -694,7 +697,8 @@ def test_in_training_eval_only_on_replicated_layouts(tmp_path: Path, layout: dic
     probes.write_text("- {name: next, prompt: 'w40', target: ' w41'}\n")
     dims = ParallelDims.build(ParallelConfig(**layout), 2, model_cfg=preset("debug", vocab_size=VOCAB), seq_len=32,
                               micro_batch=4)
-    fake = SimpleNamespace(recipe=_eval_recipe(probes), dims=dims, rank=0)
+    recipe = _eval_recipe(probes)
+    fake = SimpleNamespace(recipe=recipe, dims=dims, rank=0, evaluator=InTrainingEvaluator(recipe, tmp_path))
     assert Trainer._in_training_eval_every(fake) == (3 if runs else 0)  # type: ignore[arg-type]
     warned = [r for r in caplog.records if "in-training evaluation is skipped" in r.getMessage()]
     assert len(warned) == (0 if runs else 1)
@@ -707,12 +711,44 @@ def test_in_training_eval_without_tokenizer_or_with_bad_probes(tmp_path: Path, t
     probes = tmp_path / "probes.yaml"
     probes.write_text("- {name: next, prompt: 'w40', target: ' w41'}\n")
     run = _run_dir(tmp_path, tokens, "notok")
-    summary = Trainer(_eval_recipe(probes, max_steps=3), run, progress=False).run()
+    recipe = _eval_recipe(probes, max_steps=3)
+    summary = Trainer(recipe, run, progress=False, evaluator=InTrainingEvaluator(recipe, run)).run()
     assert summary["complete"] and summary["in_training_eval"] is None and not read_metrics(run / "train", kind="eval")
     assert "tokenizer.json not found; in-training evaluation disabled" in caplog.text
     probes.write_text("- {name: next, prompt: 'w40'}\n")  # no target: an error before any step
+    run = _run_dir(tmp_path, tokens, "badprobe")
     with pytest.raises(ProbeFormatError, match="probes.yaml"):
-        Trainer(_eval_recipe(probes, max_steps=3), _run_dir(tmp_path, tokens, "badprobe"), progress=False)
+        Trainer(recipe, run, progress=False, evaluator=InTrainingEvaluator(recipe, run))
+
+
+def test_in_training_eval_is_a_hook_the_trainer_is_given(tmp_path: Path, tokens: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The training layer does not evaluate on its own: eval.every_steps without an evaluator is
+    a warning and no evaluation; any object with ``every``, ``prepare`` and ``__call__`` will do."""
+    probes = tmp_path / "probes.yaml"
+    probes.write_text("- {name: next, prompt: 'w40', target: ' w41'}\n")
+    run = _run_dir(tmp_path, tokens, "none")
+    summary = Trainer(_eval_recipe(probes, max_steps=3), run, progress=False).run()
+    assert summary["in_training_eval"] is None and not read_metrics(run / "train", kind="eval")
+    assert "given no evaluator" in caplog.text
+
+    class Counting:
+        every = 2
+
+        def __init__(self) -> None:
+            self.calls: list[bool] = []
+
+        def prepare(self) -> None:
+            self.calls.append(False)
+
+        def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+            self.calls.append(model.training)
+            return {"eval/answer": 42.0}
+
+    hook = Counting()
+    summary = Trainer(_recipe(max_steps=5), _run_dir(tmp_path, tokens, "hook"), progress=False, evaluator=hook).run()
+    assert hook.calls == [False, False, False, False]  # prepare, steps 2 and 4, the end; always in eval mode
+    assert summary["in_training_eval"] == {"eval/answer": 42.0}
 
 
 # --------------------------------------------------------------------------------------------

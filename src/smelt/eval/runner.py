@@ -18,13 +18,16 @@ runs the parts named in ``eval.run`` and writes ``run_dir/eval/``::
     probes.csv     with ``all_checkpoints``: probe x checkpoint (step, tokens_seen, score, ...)
     probes.png     with ``all_checkpoints``: each probe's score vs training tokens
 
-`evaluate_in_training(model, tokenizer, recipe, run_dir)` is the small-budget version the trainer
-calls every ``eval.every_steps`` steps: perplexity on ``eval.in_training_docs`` documents per
-domain and the probes, returned as a flat ``{"eval/ppl/<domain>": ..., "eval/probe/<name>": ...}``.
+`evaluate_in_training(model, tokenizer, recipe, run_dir)` is the small-budget version for use during
+training: perplexity on ``eval.in_training_docs`` documents per domain and the probes, returned as a
+flat ``{"eval/ppl/<domain>": ..., "eval/probe/<name>": ...}``. `InTrainingEvaluator` wraps it as the
+hook the trainer is given (`smelt.train.trainer.Evaluator`, every ``eval.every_steps`` steps):
+``smelt train`` and ``smelt run`` pass one, the training layer never imports this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -44,8 +47,8 @@ from smelt.model.loaded import ModelLoader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_eval", "evaluate_in_training", "evaluate_model", "format_markdown", "unscored_items",
-           "eval_max_len", "RESULTS_VERSION"]
+__all__ = ["run_eval", "evaluate_in_training", "InTrainingEvaluator", "evaluate_model", "format_markdown",
+           "unscored_items", "eval_max_len", "RESULTS_VERSION"]
 
 RESULTS_VERSION = 1
 Progress = Callable[[str, int, int], None]
@@ -321,6 +324,44 @@ def evaluate_in_training(model: nn.Module, tokenizer: Any, recipe: Recipe, run_d
     res = evaluate_model(model, tokenizer, recipe, run_dir, max_len=max_len, prefix_id=prefix_id, pad_id=pad_id,
                          parts=parts, docs=docs, probes=probes)
     return flat_scalars(res)
+
+
+class InTrainingEvaluator:
+    """`evaluate_in_training` as the trainer's evaluator (`smelt.train.trainer.Evaluator`).
+
+    ``every``: ``eval.every_steps``. `prepare` reads the probe files (a bad one fails before the
+    first step). A call reads the run's tokenizer (``tokenizer/tokenizer.json``) the first time;
+    without one it warns and returns None, which turns in-training evaluation off for the run.
+    With ``eval.precision: bf16`` the model runs under bf16 autocast."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.every = recipe.eval.every_steps if recipe.eval is not None else 0
+        self._tokenizer: Any = None
+
+    def prepare(self) -> None:
+        load_probe_files((self.recipe.eval or EvalConfig()).probes)
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = self.run_dir / "tokenizer" / "tokenizer.json"
+            if not path.is_file():
+                log.warning("eval.every_steps: %s not found; in-training evaluation disabled for this run", path)
+                return None
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def __call__(self, model: nn.Module) -> dict[str, float] | None:
+        tokenizer = self._load_tokenizer()
+        if tokenizer is None:
+            return None
+        bf16 = self.recipe.eval is not None and self.recipe.eval.precision == "bf16"
+        device_type = next(model.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            return evaluate_in_training(model, tokenizer, self.recipe, self.run_dir)
 
 
 # --------------------------------------------------------------------------------------------
