@@ -549,6 +549,33 @@ class RunConfig(Strict):
     sample_temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of the samples (0: greedy).")
 
 
+class ScalingConfig(Strict):
+    """`scaling:` a ladder of small training runs for a scaling-law fit (`smelt scaling sweep`;
+    smelt.scaling.sweep). Each size n_layers = L gets dim = aspect_ratio * L (rounded to a multiple
+    of head_dim), n_heads = dim / head_dim; each budget C gives every size D = C / 6N tokens."""
+
+    budgets: list[float] = Field(
+        default_factory=lambda: [5e11, 1.5e12, 5e12],
+        description="Compute budgets C = 6ND, in FLOPs, one IsoFLOP profile each (default: ~30 min on 2 busy CPU "
+        "cores with the default ladder, vocabulary 4096, seq 128, batch 16: 6.0M tokens in wsd mode).")
+    depths: list[int] = Field(default_factory=lambda: [1, 2, 3, 4],
+                              description="Model sizes, as numbers of layers (width from aspect_ratio).")
+    aspect_ratio: int = Field(32, ge=1, description="d_model / n_layers (Kaplan et al. 2020, Fig. 5: loss is flat over "
+                              "~20-200; GPU ladders: 64-128).")
+    head_dim: int = Field(16, ge=2, description="Channels per attention head (GPU ladders: 64 or 128).")
+    mode: Literal["isoflop", "wsd"] = Field(
+        "wsd", description="isoflop: one run per (size, budget), the recipe's schedule fitted to its length "
+        "(Chinchilla approach 2); wsd: one WSD run per size, extended budget by budget, each decay branched from "
+        "the stable phase (Hagele et al. 2024), optimizer state kept.")
+    decay_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="wsd: share of each run's steps in the final "
+                                  "decay (Hagele et al. 2024: 20%).")
+    max_warmup_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Warmup is the recipe's, capped at this share "
+                                       "of the shortest run of a size.")
+    min_steps: int = Field(20, ge=1, description="A (size, budget) giving fewer optimizer steps is skipped.")
+    eval_batches: int | None = Field(None, ge=1, description="Validation batches per domain for each run's final "
+                                     "loss; None: train.eval_batches.")
+
+
 class Recipe(Strict):
     """A whole job. Stages read their own section."""
 
@@ -564,6 +591,7 @@ class Recipe(Strict):
     train: TrainConfig | None = Field(None, description="Training stage.")
     eval: EvalConfig | None = Field(None, description="Evaluation stage.")
     export: ExportConfig | None = Field(None, description="Hugging Face export stage.")
+    scaling: ScalingConfig | None = Field(None, description="`smelt scaling sweep`: the ladder of small runs.")
     run: RunConfig = Field(default_factory=RunConfig, description="`smelt run`: stages, built-in demo, report.")
 
     @field_validator("runs_dir")
