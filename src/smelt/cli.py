@@ -162,6 +162,60 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rp, overrides=False)
     rp.set_defaults(func=cmd_report)
     # ---- end smelt run / smelt report ----
+
+    # ---- smelt plan / smelt scaling (plan and scale) ----
+    pl = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU, time and cost of a training run",
+                        description="Plan RECIPE's run (or a preset with --preset, --tokens, --gpus ...): parameters, "
+                                    "FLOPs per token and in total, memory per GPU under ZeRO 0-3 and the TP/PP layout, "
+                                    "activations with and without recomputation, KV cache, whether it fits, wall-clock, "
+                                    "GPU-hours and cost, tokens per parameter, and with --law the predicted loss and the "
+                                    "compute-optimal N and D. Flags override the recipe.")
+    pl.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional with --preset)")
+    pl.add_argument("--preset", default=None, help="model preset (llama-7b, llama-13b, ...) instead of the recipe's model")
+    pl.add_argument("--vocab", type=int, default=None, help="vocabulary size, when the model has none")
+    pl.add_argument("--tokens", default=None, help="training tokens (1T, 300B, 2.5e9)")
+    pl.add_argument("--gpus", type=int, default=None, help="number of GPUs (default 1)")
+    pl.add_argument("--device", default=None, help="a100, h100, h200, b200 or mi300x (default h100)")
+    pl.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilization (default 0.4)")
+    pl.add_argument("--price", type=float, default=None, help="$ per GPU-hour")
+    pl.add_argument("--tp", type=int, default=None, help="tensor parallel degree")
+    pl.add_argument("--pp", type=int, default=None, help="pipeline stages")
+    pl.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage")
+    pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="parameter dtype")
+    pl.add_argument("--optimizer", choices=["adamw", "adafactor", "sgd", "none"], default=None)
+    pl.add_argument("--micro-batch", type=int, default=None, help="sequences per forward on one GPU")
+    pl.add_argument("--seq-len", type=int, default=None, help="training context")
+    pl.add_argument("--checkpointing", choices=["none", "full", "every_k"], default=None,
+                    help="activation recomputation")
+    pl.add_argument("--kv-batch", type=int, default=None, help="inference KV cache: sequences (default 1)")
+    pl.add_argument("--kv-len", type=int, default=None, help="inference KV cache: tokens (default: seq len)")
+    pl.add_argument("--law", default=None, metavar="FIT.json", help="a fitted law (`smelt scaling fit --json`)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _common(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    sc = sub.add_parser("scaling", help="scaling-law sweeps and fits",
+                        description="`smelt scaling sweep RECIPE` trains the recipe's `scaling:` ladder (IsoFLOP or "
+                                    "WSD runs in <run>/scaling/, points in scaling/points.csv); `smelt scaling fit "
+                                    "POINTS.csv` fits L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla approaches 2 and 3) "
+                                    "and writes fit.json and plots beside the points.")
+    scs = sc.add_subparsers(dest="scaling_command", metavar="{sweep,fit}")
+    sw = scs.add_parser("sweep", help="train the ladder of small runs")
+    sw.add_argument("recipe", help="YAML recipe with packed tokens and a `scaling:` section")
+    sw.add_argument("--dry-run", action="store_true", help="print the runs (sizes, budgets, steps, tokens) only")
+    _common(sw)
+    sw.set_defaults(func=cmd_scaling_sweep)
+    sf = scs.add_parser("fit", help="fit a scaling law to points")
+    sf.add_argument("points", help="CSV with params, loss and tokens or flops (e.g. <run>/scaling/points.csv)")
+    sf.add_argument("--json", action="store_true", help="print the fit as JSON")
+    sf.add_argument("--budgets", default=None, help="comma-separated FLOPs budgets for the compute-optimal N, D")
+    sf.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for the intervals (default 100)")
+    sf.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    sf.add_argument("--out", default=None, help="directory for fit.json and plots (default: beside the points)")
+    sf.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _common(sf, overrides=False)
+    sf.set_defaults(func=cmd_scaling_fit)
+    # ---- end smelt plan / smelt scaling ----
     return ap
 
 
@@ -525,6 +579,88 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---- end smelt export / import / generate ----
+
+
+# ---- smelt plan / smelt scaling (plan and scale) ----
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from smelt.model.config import ModelConfig, preset
+    from smelt.scaling.plan import PlanInputs, format_plan, from_recipe, make_plan, parse_count
+
+    fields: dict[str, Any] = {}
+    if args.recipe is not None:
+        cfg, fields = from_recipe(load_recipe(args.recipe, args.overrides))
+    elif args.preset is None:
+        raise RecipeError("smelt plan needs a RECIPE or --preset NAME")
+    else:
+        _refuse_overrides(args, "there is no recipe; use the flags")
+        cfg = ModelConfig()
+    try:
+        if args.preset is not None:
+            cfg = preset(args.preset)
+        if args.vocab is not None:
+            cfg = cfg.with_vocab(args.vocab)
+        flags = {"tokens": parse_count(args.tokens) if args.tokens else None, "gpus": args.gpus,
+                 "device": args.device, "mfu": args.mfu, "price_per_gpu_hour": args.price, "tp": args.tp,
+                 "pp": args.pp, "zero": args.zero, "precision": args.precision, "optimizer": args.optimizer,
+                 "micro_batch": args.micro_batch, "seq_len": args.seq_len, "checkpointing": args.checkpointing,
+                 "kv_batch": args.kv_batch, "kv_len": args.kv_len}
+        fields.update({k: v for k, v in flags.items() if v is not None})
+        if args.seq_len is None and args.recipe is None:
+            fields["seq_len"] = cfg.max_seq_len
+        if "tokens" not in fields:
+            raise RecipeError("smelt plan: give --tokens (or a recipe with a train: section)")
+        if args.law:
+            law = json.loads(Path(args.law).read_text(encoding="utf-8"))
+            fields["law"] = {k: float(law[k]) for k in ("E", "A", "B", "alpha", "beta")}
+        plan = make_plan(cfg, PlanInputs(**fields))
+    except (ValueError, KeyError, OSError) as e:
+        raise RecipeError(f"smelt plan: {e}") from None
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_scaling_sweep(args: argparse.Namespace) -> int:
+    from smelt.scaling.sweep import format_sweep, plan_sweep, run_sweep
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(format_sweep(plan_sweep(recipe, recipe.run_dir)))
+        return 0
+    points = run_sweep(recipe, prepare_run(recipe, args.recipe), source=args.recipe)
+    log.info("scaling: %d points in %s (fit them: smelt scaling fit %s)", len(points),
+             recipe.run_dir / "scaling" / "points.csv", recipe.run_dir / "scaling" / "points.csv")
+    return 0
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    import json
+
+    from smelt.fsutil import atomic_write_json
+    from smelt.scaling.fit import fit_points, format_fit, plot_fit
+    from smelt.scaling.plan import parse_count
+    from smelt.scaling.points import PointsError, read_points
+
+    _refuse_overrides(args, "it reads a points file, not a recipe")
+    try:
+        points = read_points(args.points)
+        budgets = [parse_count(b) for b in args.budgets.split(",")] if args.budgets else None
+        result = fit_points(points, bootstrap=args.bootstrap, seed=args.seed, budgets=budgets)
+    except (PointsError, ValueError) as e:
+        raise RecipeError(str(e)) from None
+    out = Path(args.out) if args.out else Path(args.points).parent
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "fit.json", result)
+    if not args.no_plots:
+        plot_fit(points, result, out)
+    print(json.dumps(result, indent=2) if args.json else format_fit(result))
+    return 0
+
+
+# ---- end smelt plan / smelt scaling ----
 
 
 def main(argv: list[str] | None = None) -> int:
