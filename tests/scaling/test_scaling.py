@@ -252,3 +252,27 @@ def test_sweep_end_to_end(tmp_path: Path, mode: str) -> None:
     again = run_sweep(recipe, run)  # type: ignore[arg-type]
     assert len(again) == 4
     assert {p: p.stat().st_mtime_ns for p in (run / "scaling").rglob("manifest.json")} == mtimes
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_plan_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from smelt.cli import main
+
+    assert main(["plan", "--preset", "llama-7b", "--tokens", "1T", "--gpus", "64", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params"]["total"] == 6_738_415_616 and plan["inputs"]["dp"] == 64
+    write_points(tmp_path / "points.csv", _synthetic(noise=0.01))
+    assert main(["scaling", "fit", str(tmp_path / "points.csv"), "--json", "--bootstrap", "3", "--no-plots"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert {"E", "A", "B", "alpha", "beta", "a", "b", "ci"} <= set(fit)
+    assert json.loads((tmp_path / "fit.json").read_text())["E"] == fit["E"]
+    assert main(["plan", "--preset", "llama-7b", "--tokens", "1T", "--law", str(tmp_path / "fit.json")]) == 0
+    assert "compute-optimal" in capsys.readouterr().out
+    assert main(["plan"]) == 2
+    assert main(["plan", "--preset", "llama-7b", "--tokens", "1T", "--gpus", "6", "--tp", "4"]) == 2
+    assert "multiple of tp" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("params,loss\n1,2\n")
+    assert main(["scaling", "fit", str(tmp_path / "bad.csv")]) == 2
