@@ -421,3 +421,35 @@ def format_plan(plan: Plan) -> str:
                      f"FLOPs: N {_si(lw['n_opt'])}, D {_si(lw['d_opt'])} ({lw['tokens_per_param_opt']:.1f} tokens/param), "
                      f"loss {lw['loss_at_opt']:.4f}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# from a recipe
+
+
+def from_recipe(recipe: Any, run_dir: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model and `PlanInputs` fields a recipe implies: ``model:`` (vocabulary from the run's
+    tokens/manifest.json, else the tokenizer's target size rounded up to its multiple), tokens =
+    max_steps x global batch x seq_len, precision, ZeRO/TP/PP, micro-batch and recomputation."""
+    import json
+    from pathlib import Path
+
+    cfg = recipe.model or ModelConfig()
+    if cfg.vocab_size is None:
+        manifest = Path(run_dir if run_dir is not None else recipe.run_dir) / "tokens" / "manifest.json"
+        if manifest.is_file():
+            cfg = cfg.with_vocab(int(json.loads(manifest.read_text())["vocab_size"]))
+        elif recipe.tokenizer is not None:
+            t = recipe.tokenizer
+            cfg = cfg.with_vocab(t.vocab_multiple * math.ceil(t.vocab_size / t.vocab_multiple))
+    fields: dict[str, Any] = {}
+    seq = recipe.loader.seq_len if recipe.loader is not None else cfg.max_seq_len
+    fields["seq_len"] = seq
+    if recipe.train is not None:
+        tr = recipe.train
+        fields.update(tokens=float(tr.max_steps * tr.batch.global_batch * seq), precision=tr.precision,
+                      optimizer=tr.optim.name, micro_batch=tr.batch.micro_batch, zero=tr.parallel.zero,
+                      tp=tr.parallel.tp, pp=tr.parallel.pp, checkpointing=tr.activation_checkpointing,
+                      ac_every=tr.ac_every, sequence_parallel=tr.parallel.sequence_parallel,
+                      pp_microbatches=tr.parallel.pp_microbatches)
+    return cfg, fields
