@@ -62,7 +62,8 @@ nav a{margin-right:12px;font-size:13px;color:#2451a6;text-decoration:none}
 
 SECTIONS = [("overview", "Overview"), ("data", "Data funnel"), ("dedup", "Deduplication"), ("pii", "PII"),
             ("tokenizer", "Tokenizer"), ("tokens", "Tokens and mixture"), ("training", "Training"),
-            ("evaluation", "Evaluation"), ("samples", "Samples"), ("recipe", "Recipe"), ("timings", "Timings")]
+            ("evaluation", "Evaluation"), ("samples", "Samples"), ("recipe", "Recipe"), ("timings", "Timings"),
+            ("scaling", "Scaling laws")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,13 +583,45 @@ class Report:
                     f"{_e(', '.join(inv.get('ran') or []) or 'nothing (all up to date)')}.</p>")
         return out
 
+    # -- scaling (smelt scaling sweep / fit) -------------------------------------------------
+    def scaling(self) -> str:
+        from smelt.scaling.points import read_points
+
+        d = self.run_dir / "scaling"
+        if not (d / "points.csv").is_file():
+            return _not_run("scaling sweep", d / "points.csv")
+        points = read_points(d / "points.csv")
+        out = f"<p>{len(points)} runs (<code>scaling/points.csv</code>).</p>"
+        out += _table(["run", "params N", "tokens D", "D/N", "6ND FLOPs", "loss"],
+                      [[p.run_dir, _num(p.params), _num(p.tokens), _num(p.tokens / p.params, ".1f"),
+                        _num(p.flops, ".2e"), _num(p.loss, ".4f")] for p in points])
+        fit = _load_json(d / "fit.json", [])
+        if fit is None:
+            return out + _note(f"no fit yet: smelt scaling fit {d / 'points.csv'}")
+        ci = fit.get("ci", {})
+        out += _table(["", "E", "A", "B", "alpha", "beta", "N_opt ~ C^a", "D_opt ~ C^b"],
+                      [["approach 3"] + [_num(fit[k], ".4g") for k in ("E", "A", "B", "alpha", "beta", "a", "b")],
+                       ["95% interval"] + [f"{ci[k][0]:.4g}–{ci[k][1]:.4g}" if k in ci else ""
+                                           for k in ("E", "A", "B", "alpha", "beta", "a", "b")]])
+        a2 = fit.get("approach2") or {}
+        if a2.get("a") is not None:
+            out += f"<p>Approach 2 (IsoFLOP parabolas): N_opt ~ C^{a2['a']:.3f}, D_opt ~ C^{a2['b']:.3f}.</p>"
+        out += _table(["budget C", "N_opt", "D_opt", "tokens/param", "predicted loss"],
+                      [[_num(o["flops"], ".2e"), _num(o["n_opt"], ".3g"), _num(o["d_opt"], ".3g"),
+                        _num(o["tokens_per_param"], ".1f"), _num(o["loss"], ".4f")] for o in fit.get("optimal", [])])
+        for name in ("fit_loss_vs_params.png", "isoflop.png", "frontier.png"):
+            if (d / name).is_file():
+                data = base64.b64encode((d / name).read_bytes()).decode("ascii")
+                out += f'<img class="fig" alt="{_e(name)}" src="data:image/png;base64,{data}">'
+        return out
+
     # -- page -------------------------------------------------------------------------------
     def render(self) -> str:
         makers: dict[str, Callable[[], str]] = {
             "overview": self.overview, "data": self.data, "dedup": self.dedup, "pii": self.pii,
             "tokenizer": self.tokenizer, "tokens": self.tokens_section, "training": self.training,
             "evaluation": self.evaluation, "samples": self.samples, "recipe": self.recipe_section,
-            "timings": self.timings}
+            "timings": self.timings, "scaling": self.scaling}
         body = []
         for sid, title in SECTIONS:
             try:
