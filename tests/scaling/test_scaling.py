@@ -252,6 +252,16 @@ def test_sweep_end_to_end(tmp_path: Path, mode: str) -> None:
     again = run_sweep(recipe, run)  # type: ignore[arg-type]
     assert len(again) == 4
     assert {p: p.stat().st_mtime_ns for p in (run / "scaling").rglob("manifest.json")} == mtimes
+    if mode == "wsd":  # the report's section: points, then the fit and its plots once fitted
+        from smelt.report import write_report
+
+        assert "smelt scaling fit" in write_report(run).read_text()
+        pts = _synthetic(noise=0.01)  # 4 tiny points are too few for 5 parameters: fit published-like ones
+        res = fit_points(pts, bootstrap=0)
+        (run / "scaling" / "fit.json").write_text(json.dumps(res))
+        plot_fit(pts, res, run / "scaling")
+        html = write_report(run).read_text()
+        assert "Scaling laws" in html and "approach 3" in html and html.count("data:image/png") >= 3
 
 
 # --------------------------------------------------------------------------------------------
