@@ -51,9 +51,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from smelt.model import llama
 from smelt.model.config import ModelConfig, preset
 from smelt.model.flops import flops_per_token, param_count
-from smelt.model import llama
 from smelt.model.llama import Transformer, hf_config, to_hf_state_dict
 
 # The explicit-attention cut-offs (eager, compiled), read once at import: steps switch the

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from smelt.cli import main
 from smelt.report import SECTIONS, write_report
 from tests.demo.htmlcheck import check_html

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-
 FSYNC = os.environ.get("SMELT_FSYNC", "0") == "1"
 
 

@@ -632,7 +632,7 @@ class Report:
             body.append(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>')
         name = self.recipe.get("name") or self.run_dir.name
         nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in SECTIONS)
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
                 f"<title>smelt report: {_e(name)}</title><style>{_CSS}</style></head><body><main>"

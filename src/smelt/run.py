@@ -53,8 +53,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from smelt.config import (Recipe, RecipeError, apply_override, config_hash, parse_recipe, read_recipe_tree,
-                          recipe_to_dict, write_resolved_recipe)
+from smelt.config import (
+    Recipe,
+    RecipeError,
+    apply_override,
+    config_hash,
+    parse_recipe,
+    read_recipe_tree,
+    recipe_to_dict,
+    write_resolved_recipe,
+)
 from smelt.fsutil import atomic_write_json, describe_os_error, read_json, run_lock, set_aside
 
 log = logging.getLogger(__name__)
@@ -188,7 +196,7 @@ def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass

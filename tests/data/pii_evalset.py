@@ -388,7 +388,7 @@ def score(redact: Callable[[str], str], examples: list[Example]) -> Score:
     sc = Score(Counter(), Counter(), Counter(), Counter(), [], [])
     for ex in examples:
         out = redact(ex.text)
-        pattern = "".join(re.escape(v) if k == "text" else f"(.*?)" for k, v in ex.pieces)
+        pattern = "".join(re.escape(v) if k == "text" else "(.*?)" for k, v in ex.pieces)
         m = re.fullmatch(pattern, out, re.DOTALL)
         got = iter(m.groups()) if m else None
         context_ok = True

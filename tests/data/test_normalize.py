@@ -173,11 +173,11 @@ def _cp1252_mojibake(s: str) -> str:
 
 @pytest.mark.parametrize("original, garbled", [
     # UTF-8 read as Latin-1: curly quotes become "â" + two C1 controls (what synth.py plants)
-    ("the “café” and the year’s end", "the “café” and the year’s end".encode("utf-8").decode("latin-1")),
+    ("the “café” and the year’s end", "the “café” and the year’s end".encode().decode("latin-1")),
     # ... and as Windows-1252, the classic web mojibake
     ("the “café” and the year’s end", "the â€œcafÃ©â€\x9d and the yearâ€™s end"),
     ("naïve résumé, Zürich, Ærøskøbing", _cp1252_mojibake("naïve résumé, Zürich, Ærøskøbing")),
-    ("今天天气很好，我们去公园散步。", "今天天气很好，我们去公园散步。".encode("utf-8").decode("latin-1")),
+    ("今天天气很好，我们去公园散步。", "今天天气很好，我们去公园散步。".encode().decode("latin-1")),
     ("中文的文字", "ä¸\xadæ\x96\x87ç\x9a\x84æ\x96\x87å\xad\x97"),
     # double-encoded: UTF-8 -> cp1252 -> UTF-8 -> cp1252
     ("The Mona Lisa doesn’t have eyebrows.", _cp1252_mojibake(_cp1252_mojibake("The Mona Lisa doesn’t have eyebrows."))),
@@ -221,7 +221,7 @@ def test_fix_encoding_leaves_correct_text_alone(clean):
 def test_fix_encoding_runs_before_control_stripping():
     # Latin-1 mojibake of ’ is "â\x80\x99": strip_control would delete the two C1 controls and
     # leave an unrepairable "â"; the repair must come first.
-    garbled = "the year’s end".encode("utf-8").decode("latin-1")
+    garbled = "the year’s end".encode().decode("latin-1")
     assert run(garbled)[0] == "the year’s end"
     text, _, counts = run(garbled, fix_encoding=False)
     assert text == "the yearâs end" and "fixed_encoding" not in counts
@@ -231,7 +231,7 @@ def test_fix_encoding_runs_before_control_stripping():
 def test_fix_encoding_repairs_only_the_garbled_lines():
     # A page stitched from a correct part and a mis-decoded part: only the latter changes.
     good = "Crème brûlée at the café, 5 €."
-    bad = "Crème brûlée at the café, 5 €.".encode("utf-8").decode("windows-1252")
+    bad = "Crème brûlée at the café, 5 €.".encode().decode("windows-1252")
     text, _, counts = run(f"{good}\n{bad}\n{good}")
     assert text == f"{good}\n{good}\n{good}"
     assert counts["fixed_encoding"] == 1
@@ -263,8 +263,9 @@ def test_fix_encoding_config_key_validated():
 
 def test_fix_encoding_synth_mojibake_restores_the_original():
     # synth.py's planted mojibake (UTF-8 read as Latin-1), English and Chinese, comes back exactly.
-    from smelt.data.synth import _mojibake, prose
     import random
+
+    from smelt.data.synth import _mojibake, prose
 
     rng = random.Random(0)
     for lang in ("en", "zh") * 10:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from smelt.model.config import PRESETS, ModelConfig, preset
 from smelt.model import llama
+from smelt.model.config import PRESETS, ModelConfig, preset
 from smelt.model.llama import (
     KVCache,
     MoE,

@@ -15,8 +15,16 @@ from smelt.config import parse_recipe
 from smelt.model.config import ModelConfig, preset
 from smelt.model.flops import ModelMemory, activation_memory, model_memory, param_count
 from smelt.scaling.fit import fit_isoflop, fit_points, format_fit, plot_fit
-from smelt.scaling.plan import (GB, PlanInputs, activation_bytes_per_gpu, compute_optimal, format_plan, make_plan,
-                                parse_count, shard_model_states)
+from smelt.scaling.plan import (
+    GB,
+    PlanInputs,
+    activation_bytes_per_gpu,
+    compute_optimal,
+    format_plan,
+    make_plan,
+    parse_count,
+    shard_model_states,
+)
 from smelt.scaling.points import Point, PointsError, read_points, write_points
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from smelt.train import metrics
-from smelt.train.metrics import (MetricsWriter, MfuMeter, Throughput, measure_matmul_tflops, memory_gb, peak_flops,
-                                 read_metrics)
+from smelt.train.metrics import (
+    MetricsWriter,
+    MfuMeter,
+    Throughput,
+    measure_matmul_tflops,
+    memory_gb,
+    peak_flops,
+    read_metrics,
+)
 
 
 def _lines(path: Path) -> list[dict]:

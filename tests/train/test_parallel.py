@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable

@@ -648,8 +648,9 @@ def test_in_training_eval_keeps_resume_exact(tmp_path: Path, tokens: Path) -> No
             for e in read_metrics(runs["crashy"] / "train", kind="eval")] == drop_time
     assert summary["in_training_eval"]["eval/ppl/en"] == evals[-1]["ppl/en"]
     # The logged numbers are those of the evaluator on the saved final weights.
-    from smelt.eval.runner import evaluate_in_training
     from tokenizers import Tokenizer
+
+    from smelt.eval.runner import evaluate_in_training
 
     model = Transformer(preset("debug", vocab_size=VOCAB))
     ck.load_checkpoint(ck.find_latest(runs["eval"] / "train" / "checkpoints"), model, restore_rng=False)

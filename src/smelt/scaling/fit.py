@@ -256,7 +256,7 @@ def format_fit(result: dict[str, Any]) -> str:
 
     lines = [f"approach 3 (Huber delta {result['huber_delta']:g} on log-loss, L-BFGS-B, {result['n_points']} points, "
              f"{result['bootstrap']} bootstrap fits, 95% intervals):",
-             f"  L(N, D) = E + A/N^alpha + B/D^beta",
+             "  L(N, D) = E + A/N^alpha + B/D^beta",
              f"  E = {v('E', '.4f')}   A = {v('A', '.4g')}   B = {v('B', '.4g')}",
              f"  alpha = {v('alpha', '.4f')}   beta = {v('beta', '.4f')}",
              f"  N_opt ~ C^{v('a', '.3f')}   D_opt ~ C^{v('b', '.3f')}   (rms log residual "

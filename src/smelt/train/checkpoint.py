@@ -66,16 +66,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
-
-import xxhash
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from smelt.fsutil import atomic_write_json, atomic_write_text
 

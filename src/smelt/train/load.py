@@ -30,8 +30,7 @@ from smelt.config import load_recipe, resolve_model_config
 from smelt.fsutil import read_json
 from smelt.model.config import ModelConfig
 from smelt.model.loaded import LoadedModel, LoadError, cast_parameters
-from smelt.train.checkpoint import (CheckpointError, find_latest, load_checkpoint, read_trainer_state,
-                                    verify_checkpoint)
+from smelt.train.checkpoint import CheckpointError, find_latest, load_checkpoint, read_trainer_state, verify_checkpoint
 
 log = logging.getLogger(__name__)
 

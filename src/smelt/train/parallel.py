@@ -382,8 +382,13 @@ def apply_tp(model: nn.Module, tp_mesh: Any, sequence_parallel: bool) -> None:
     (``Replicate``) so the trainer's loss code is unchanged.
     """
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     seq = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, Any] = {}

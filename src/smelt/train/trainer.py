@@ -80,8 +80,16 @@ from smelt.tokens.loader import DataExhausted
 from smelt.train import checkpoint as ckpt
 from smelt.train import parallel as par
 from smelt.train import resume as state
-from smelt.train.build import (apply_activation_checkpointing, apply_compile, build_loader, build_model,
-                               build_train_optimizer, parallel_layout, read_tokens_manifest, seed_everything)
+from smelt.train.build import (
+    apply_activation_checkpointing,
+    apply_compile,
+    build_loader,
+    build_model,
+    build_train_optimizer,
+    parallel_layout,
+    read_tokens_manifest,
+    seed_everything,
+)
 from smelt.train.loss import IGNORE_INDEX, PipelineLoss, compiled_token_losses, token_losses
 from smelt.train.metrics import MetricsWriter, MfuMeter, Throughput, memory_gb
 from smelt.train.optim import batch_size_at, grad_accum_steps, lr_at, set_lr, wsd_decay_start

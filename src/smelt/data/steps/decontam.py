@@ -66,6 +66,7 @@ import zstandard
 from smelt.config import DecontamConfig, DecontamSource
 from smelt.data.document import Document
 from smelt.data.pipeline import Filter
+
 # _MULT/_finalize: the polynomial and finalizer of `ngram_hashes`, reused so that the one-pass
 # `window_hashes` stays bit-identical to it (tests/data/test_decontam.py checks).
 from smelt.data.text import _MULT, _finalize, is_cjk_text, ngram_hashes, token_hashes, tokens
