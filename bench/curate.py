@@ -357,7 +357,8 @@ def chain_in_process(docs: list[tuple[str, str, str]], cfg: HeuristicsConfig) ->
         "per_filter_us_per_doc": {nm: {"smelt": round(a / n * 1e6, 1), "datatrove": round(b / n * 1e6, 1)}
                                   for nm, a, b in zip(names, s_per, d_per)},
         "per_domain_us_per_doc": {dom: {"smelt": round(s_dom[dom] / k * 1e6, 1),
-                                        "datatrove": round(d_dom[dom] / k * 1e6, 1)} for dom, k in sorted(n_dom.items())},
+                                        "datatrove": round(d_dom[dom] / k * 1e6, 1)}
+                                  for dom, k in sorted(n_dom.items())},
         "kept": {"smelt": sum(v is None for v in s_out.values()), "datatrove": sum(v is None for v in d_out.values())},
         "agreement": {dom: dict(c) | {"rate": round((c["both_keep"] + c["both_reject"]) / sum(c.values()), 4)}
                       for dom, c in sorted(agree.items())},
@@ -532,7 +533,8 @@ def _datatrove_clusters(corpus: Corpus, base: Path) -> tuple[dict[str, str], int
     n_tasks = len(corpus.files)
     ids_of: list[list[str]] = []
     for rank in range(n_tasks):
-        shard = reader.data_folder.get_shard(rank, n_tasks, recursive=reader.recursive, glob_pattern=reader.glob_pattern)
+        shard = reader.data_folder.get_shard(rank, n_tasks, recursive=reader.recursive,
+                                             glob_pattern=reader.glob_pattern)
         ids: list[str] = []
         for rel in shard:
             with reader.data_folder.open(rel, "rt", encoding="utf-8") as fh:
@@ -696,7 +698,8 @@ def _bench_chain(corpus: Corpus, docs: list[tuple[str, str, str]], workers: list
                  [[k, v["smelt"], v["datatrove"], v["datatrove"] / v["smelt"] if v["smelt"] else float("nan")]
                   for k, v in ip["per_filter_us_per_doc"].items()]
                  + [["chain", ip["smelt_us_per_doc"], ip["datatrove_us_per_doc"], ip["ratio"]]]), flush=True)
-    pd = ip["per_domain_us_per_doc"] | {"all": {"smelt": ip["smelt_us_per_doc"], "datatrove": ip["datatrove_us_per_doc"]}}
+    pd = ip["per_domain_us_per_doc"] | {"all": {"smelt": ip["smelt_us_per_doc"],
+                                                "datatrove": ip["datatrove_us_per_doc"]}}
     print(_table("     by domain: chain time (us/doc) and keep/reject agreement (documents)",
                  ["domain", "smelt us", "datatrove us", "ratio", "both keep", "both reject", "smelt keeps only",
                   "datatrove keeps only", "agree"],
@@ -756,7 +759,8 @@ def _bench_minhash(corpus: Corpus, docs: list[tuple[str, str, str]], cfg: MinHas
         for k, name in (("smelt_verified", "smelt (verify 0.5)"), ("smelt_unverified", "smelt (unverified)"),
                         ("datatrove", "datatrove")):
             ratio = r["ratio"] if k == "smelt_verified" else r["ratio_unverified"] if k == "smelt_unverified" else ""
-            rows.append([r["workers"], name, r[k]["seconds"], r[k]["docs_per_s"], r[k]["mb_per_s"], r[k]["removed"], ratio])
+            rows.append([r["workers"], name, r[k]["seconds"], r[k]["docs_per_s"], r[k]["mb_per_s"], r[k]["removed"],
+                         ratio])
     print(_table("(2b) MinHash near-dup, end to end (read -> signatures -> buckets -> clusters -> write)",
                  ["workers", "system", "seconds", "docs/s", "MB/s", "removed", "ratio"], rows), flush=True)
     for r in runs:
@@ -776,7 +780,8 @@ def _bench_minhash(corpus: Corpus, docs: list[tuple[str, str, str]], cfg: MinHas
                  ["comparison", "docs", "smelt pairs", "datatrove pairs", "common", "precision", "recall", "ARI",
                   "clustered docs J"],
                  [[k, v["docs"], v["smelt_pairs"], v["datatrove_pairs"], v["common_pairs"], v["precision"],
-                   v["recall"], v["ari"], v["clustered_docs_jaccard"]] for k, v in res["agreement"].items()]), flush=True)
+                   v["recall"], v["ari"], v["clustered_docs_jaccard"]] for k, v in res["agreement"].items()]),
+          flush=True)
 
     non_cjk = frozenset(d for d in corpus.domains if d not in CJK_DOMAINS)
     res["planted"] = {name: planted_recall(corpus, lab, cfg) for name, lab in labels.items()}
@@ -801,14 +806,15 @@ def _summary(r: dict[str, Any]) -> None:
                      f"datatrove {ip['datatrove_us_per_doc']:.0f} us/doc)")
         for e in r["chain"]["end_to_end"]:
             ok = "meets" if e["ratio"] >= TARGET_CHAIN else "BELOW"
-            lines.append(f"  chain, end to end, w={e['workers']}:  {e['ratio']:6.1f}x   {ok} the {TARGET_CHAIN:.0f}x target "
-                         f"(smelt {e['smelt']['docs_per_s']:,.0f} docs/s, datatrove {e['datatrove']['docs_per_s']:,.0f})")
+            lines.append(f"  chain, end to end, w={e['workers']}:  {e['ratio']:6.1f}x   "
+                         f"{ok} the {TARGET_CHAIN:.0f}x target (smelt {e['smelt']['docs_per_s']:,.0f} docs/s, "
+                         f"datatrove {e['datatrove']['docs_per_s']:,.0f})")
     if "minhash" in r:
         m = r["minhash"]
         for e in m["end_to_end"]:
             ok = "meets" if e["ratio"] >= TARGET_MINHASH else "BELOW"
-            lines.append(f"  minhash, end to end, w={e['workers']}: {e['ratio']:6.1f}x   {ok} the {TARGET_MINHASH:.0f}x target "
-                         f"(verified; unverified {e['ratio_unverified']:.1f}x)")
+            lines.append(f"  minhash, end to end, w={e['workers']}: {e['ratio']:6.1f}x   "
+                         f"{ok} the {TARGET_MINHASH:.0f}x target (verified; unverified {e['ratio_unverified']:.1f}x)")
         p = m["planted"]["smelt_verified"]
         pu = m["planted"]["smelt_unverified"]
         ok = "meets" if p["recall_ge_0.8"] >= TARGET_RECALL else "BELOW"

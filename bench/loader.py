@@ -87,7 +87,8 @@ def bench_one(tokens_dir: Path, seq_len: int, kind: str, weights: dict[str, floa
     tok_s = samples * seq_len / dt
     return {"seq_len": seq_len, "objective": kind, "global_batch": global_batch, "batches": n_batches,
             "init_s": round(init_s, 4), "samples_per_s": round(samples / dt, 1), "tokens_per_s": round(tok_s),
-            "ms_per_batch": round(1000 * dt / n_batches, 2), "ratio_vs_train_step": round(tok_s / TRAIN_STEP_TOKENS_PER_S, 1)}
+            "ms_per_batch": round(1000 * dt / n_batches, 2),
+            "ratio_vs_train_step": round(tok_s / TRAIN_STEP_TOKENS_PER_S, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    weights = dict((kv.split("=")[0], float(kv.split("=")[1])) for kv in args.weights.split(",")) if args.weights else None
+    weights = None
+    if args.weights:
+        weights = dict((kv.split("=")[0], float(kv.split("=")[1])) for kv in args.weights.split(","))
     with tempfile.TemporaryDirectory(prefix="smelt-bench-loader-") as tmp:
         if args.tokens_dir is None:
             t0 = time.perf_counter()
@@ -120,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append(bench_one(tokens_dir, seq_len, kind, weights, max(1, args.batch_tokens // seq_len),
                                       args.seconds, not args.no_document_mask))
                 r = rows[-1]
-                print(f"seq {seq_len:>5}  {kind:<10} batch {r['global_batch']:>4}: {r['samples_per_s']:>10,.0f} samples/s "
-                      f"{r['tokens_per_s']:>13,.0f} tokens/s  {r['ms_per_batch']:>8.2f} ms/batch  "
+                print(f"seq {seq_len:>5}  {kind:<10} batch {r['global_batch']:>4}: "
+                      f"{r['samples_per_s']:>10,.0f} samples/s {r['tokens_per_s']:>13,.0f} tokens/s  "
+                      f"{r['ms_per_batch']:>8.2f} ms/batch  "
                       f"{r['ratio_vs_train_step']:>8,.0f}x a 2-core step ({TRAIN_STEP_TOKENS_PER_S:,.0f} tok/s)",
                       flush=True)
     worst = min(rows, key=lambda r: r["ratio_vs_train_step"])

@@ -221,7 +221,8 @@ def main() -> None:
                  "seconds": round(wall[label(c)], 3), "cpu_seconds": round(cpu[label(c)], 3),
                  "load_avg": round(load_at[label(c)], 2),
                  "tokens": manifests[c]["totals"]["tokens"], "phases_s": manifests[c]["timings_s"],
-                 "tasks": manifests[c]["engine"]["tasks"], "analysis_cached": manifests[c]["engine"].get("analysis_cached"),
+                 "tasks": manifests[c]["engine"]["tasks"],
+                 "analysis_cached": manifests[c]["engine"].get("analysis_cached"),
                  "fallback_docs": manifests[c]["engine"]["fallback_docs"]} for c in configs]
         outs = [out_dir(c) for c in configs]
 
@@ -260,7 +261,8 @@ def main() -> None:
               f"tokenizer.json; pack runs above: cached {sum(1 for r in rows if r['analysis_cached'])}/"
               f"{sum(1 for r in rows if r['engine'] == 'tiktoken')} tiktoken configurations' fastest runs)")
         print("pack phases (s): " + "; ".join(
-            f"{r['engine']}/w{r['workers']}/{r['parallelism']}: " + ", ".join(f"{k} {v}" for k, v in r["phases_s"].items())
+            f"{r['engine']}/w{r['workers']}/{r['parallelism']}: "
+            + ", ".join(f"{k} {v}" for k, v in r["phases_s"].items())
             for r in rows))
         print(f"identity: FastBPE == HF on {len(texts) - len(diff):,}/{len(texts):,} documents "
               f"(fallback to HF: {engine_fallback or 'none'}); pack outputs byte-identical: {identical}; "

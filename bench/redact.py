@@ -62,7 +62,8 @@ def corpus(data: Path) -> dict[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", default="8094134~1", help="git revision of the old redactor")
-    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SMELT_SHARED_DATA", REPO.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", type=Path,
+                    default=Path(os.environ.get("SMELT_SHARED_DATA", REPO.parent / "shared" / "data")))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-only", action="store_true")
@@ -109,8 +110,8 @@ def main() -> None:
                                 "ratio": round(n / b, 3)}
         print(f"  {dom:14s} {mb:6.2f} {b:9.2f} {n:9.2f} {n / b:6.2f}")
     b, n = tot["baseline"] / tot["mb"] * 1e3, tot["new"] / tot["mb"] * 1e3
-    figures["cost"]["all"] = {"mb": round(tot["mb"], 3), "baseline_ms_per_mb": round(b, 2), "new_ms_per_mb": round(n, 2),
-                              "ratio": round(n / b, 3)}
+    figures["cost"]["all"] = {"mb": round(tot["mb"], 3), "baseline_ms_per_mb": round(b, 2),
+                              "new_ms_per_mb": round(n, 2), "ratio": round(n / b, 3)}
     print(f"  {'all':14s} {tot['mb']:6.2f} {b:9.2f} {n:9.2f} {n / b:6.2f}")
     print(json.dumps(figures))
 

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "domain and language, optionally beside a second tokenizer (--compare).")
     t.add_argument("words", nargs="+", metavar="[eval] RECIPE", help="RECIPE, or `eval RECIPE`")
     t.add_argument("--compare", default=None, help="eval: a second tokenizer (tokenizer.json or directory)")
-    t.add_argument("--docs", type=int, default=None, help="eval: documents per domain (default tokenizer.eval_docs_per_domain)")
+    t.add_argument("--docs", type=int, default=None,
+                   help="eval: documents per domain (default tokenizer.eval_docs_per_domain)")
     t.add_argument("--force", action="store_true", help="retrain even if the tokenizer is complete")
     _common(t)
     t.set_defaults(func=cmd_tokenizer)
@@ -167,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU, time and cost of a training run",
                         description="Plan RECIPE's run (or a preset with --preset, --tokens, --gpus ...): parameters, "
                                     "FLOPs per token and in total, memory per GPU under ZeRO 0-3 and the TP/PP layout, "
-                                    "activations with and without recomputation, KV cache, whether it fits, wall-clock, "
-                                    "GPU-hours and cost, tokens per parameter, and with --law the predicted loss and the "
-                                    "compute-optimal N and D. Flags override the recipe.")
+                                    "activations with and without recomputation, KV cache, whether it fits, "
+                                    "wall-clock, GPU-hours and cost, tokens per parameter, and with --law the "
+                                    "predicted loss and the compute-optimal N and D. Flags override the recipe.")
     pl.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional with --preset)")
-    pl.add_argument("--preset", default=None, help="model preset (llama-7b, llama-13b, ...) instead of the recipe's model")
+    pl.add_argument("--preset", default=None,
+                    help="model preset (llama-7b, llama-13b, ...) instead of the recipe's model")
     pl.add_argument("--vocab", type=int, default=None, help="vocabulary size, when the model has none")
     pl.add_argument("--tokens", default=None, help="training tokens (1T, 300B, 2.5e9)")
     pl.add_argument("--gpus", type=int, default=None, help="number of GPUs (default 1)")
@@ -197,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scaling", help="scaling-law sweeps and fits",
                         description="`smelt scaling sweep RECIPE` trains the recipe's `scaling:` ladder (IsoFLOP or "
                                     "WSD runs in <run>/scaling/, points in scaling/points.csv); `smelt scaling fit "
-                                    "POINTS.csv` fits L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla approaches 2 and 3) "
-                                    "and writes fit.json and plots beside the points.")
+                                    "POINTS.csv` fits L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla "
+                                    "approaches 2 and 3) and writes fit.json and plots beside the points.")
     scs = sc.add_subparsers(dest="scaling_command", metavar="{sweep,fit}")
     sw = scs.add_parser("sweep", help="train the ladder of small runs")
     sw.add_argument("recipe", help="YAML recipe with packed tokens and a `scaling:` section")

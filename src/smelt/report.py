@@ -57,7 +57,8 @@ th{background:#f1f3f6;font-weight:600}td:first-child,th:first-child{text-align:l
 pre{background:#f3f4f6;padding:10px;border-radius:6px;font-size:12px;overflow-x:auto;white-space:pre-wrap}
 nav a{margin-right:12px;font-size:13px;color:#2451a6;text-decoration:none}
 .kpi{display:inline-block;margin:4px 18px 4px 0}.kpi b{display:block;font-size:20px}
-.sample{border-left:3px solid #c7d2fe;padding:4px 10px;margin:8px 0;white-space:pre-wrap;font-family:monospace;font-size:12px}
+.sample{border-left:3px solid #c7d2fe;padding:4px 10px;margin:8px 0;white-space:pre-wrap;font-family:monospace;
+font-size:12px}
 """
 
 SECTIONS = [("overview", "Overview"), ("data", "Data funnel"), ("dedup", "Deduplication"), ("pii", "PII"),
@@ -367,7 +368,8 @@ class Report:
         rows = [[k, v["docs"], v["tokens"], _num(v["bytes_per_token"], ".2f"), _num(v["chars_per_token"], ".2f"),
                  v.get("roundtrip_failures", 0)] for k, v in [*t["domains"].items(), *t["languages"].items(),
                                                                ("all", t["overall"])]]
-        out += _table(["domain / language", "docs", "tokens", "bytes/token", "chars/token", "round-trip failures"], rows)
+        out += _table(["domain / language", "docs", "tokens", "bytes/token", "chars/token", "round-trip failures"],
+                      rows)
         out += (f"<p>Vocabulary used on these documents: {t['vocab_used']:,} ids "
                 f"({t['vocab_used_share']:.0%}). Round trip: {t['roundtrip']['failures']} failures in "
                 f"{t['roundtrip']['checked']:,} documents.</p>")
@@ -524,8 +526,8 @@ class Report:
             for t, v in tasks.items():
                 acc, rnd = v.get("acc"), v.get("random")
                 better = acc is not None and rnd is not None and acc > rnd
-                rows.append([_e(t), _num(acc, ".3f"), _num(v.get("acc_norm"), ".3f"), _num(rnd, ".3f"),
-                             f'<span class="{"good" if better else "note"}">{"above" if better else "not above"}</span>',
+                vs_random = f'<span class="{"good" if better else "note"}">{"above" if better else "not above"}</span>'
+                rows.append([_e(t), _num(acc, ".3f"), _num(v.get("acc_norm"), ".3f"), _num(rnd, ".3f"), vs_random,
                              _num(v.get("n")), _num(v.get("skipped", 0)), _num(v.get("shots"))])
             out += "<h3>Benchmarks (log-likelihood multiple choice)</h3>" + _table(
                 ["task", "acc", "acc_norm", "random baseline", "vs random", "items", "not scored", "shots"], rows,

@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 TOKENS = {"email": "<EMAIL>", "phone": "<PHONE>", "id_card": "<ID_NUM>", "bank_card": "<BANK_CARD>",
           "ip": "<IP>", "ssn": "<SSN>", "iban": "<IBAN>"}
@@ -340,8 +341,8 @@ def build(seed: int = 0, per_format: int = 40) -> list[Example]:
     gens: dict[str, tuple[str, Callable[[random.Random], str]]] = {
         "email": ("email", email), "cn_id": ("id_card", cn_id), "ssn": ("ssn", ssn), "iban": ("iban", iban),
         "ipv4": ("ip", ipv4), "ipv6": ("ip", ipv6),
-        **{f"card_{k}": ("bank_card", (lambda k: lambda r: card(r, k))(k)) for k in _CARDS},
-        **{f"phone_{k}": ("phone", (lambda k: lambda r: phone(r, k))(k))
+        **{f"card_{k}": ("bank_card", partial(card, scheme=k)) for k in _CARDS},
+        **{f"phone_{k}": ("phone", partial(phone, country=k))
            for k in ("US", "GB", "AU", "FR", "DE", "BR", "IN", "JP", "ES", "CN")},
     }
     out: list[Example] = []

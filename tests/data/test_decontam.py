@@ -28,14 +28,16 @@ CEVAL_Q = "下列关于我国古代科技成就的表述，正确的是哪一项
 CEVAL_ROWS = [
     ["0", CEVAL_Q, "《九章算术》最早记载了勾股定理的完整证明", "张衡发明了用于预测地震的地动仪",
      "祖冲之把圆周率精确到小数点后第七位", "沈括在梦溪笔谈中记载了活字印刷术的发明", "C"],
-    ["1", "某市今年的人均可支配收入比去年增长了百分之八，以下哪项最能解释这一变化？", "物价下降", "就业增加", "税率提高", "人口减少", "B"],
+    ["1", "某市今年的人均可支配收入比去年增长了百分之八，以下哪项最能解释这一变化？",
+     "物价下降", "就业增加", "税率提高", "人口减少", "B"],
 ]
 
 
 def write_hellaswag(path: Path, n: int = 2, compress: bool = False) -> Path:
     lines = []
     for i in range(n):
-        lines += [HS_CTX if i == 0 else f"Item {i}: another context about a dog running in the park near the river", str(3 - i % 4), *HS_ENDINGS]
+        ctx = HS_CTX if i == 0 else f"Item {i}: another context about a dog running in the park near the river"
+        lines += [ctx, str(3 - i % 4), *HS_ENDINGS]
     data = "\n".join(lines) + "\n"
     if compress:
         path.write_bytes(bz2.compress(data.encode()))
@@ -97,7 +99,8 @@ def test_hellaswag_incomplete_item(tmp_path):
 
 def test_piqa(tmp_path):
     write_jsonl(tmp_path / "valid.jsonl", [
-        {"goal": "How do I ready a guinea pig cage for its new occupants?", "sol1": "Use paper bedding.", "sol2": "Use jeans."},
+        {"goal": "How do I ready a guinea pig cage for its new occupants?", "sol1": "Use paper bedding.",
+         "sol2": "Use jeans."},
         {"goal": "dresser", "sol1": "replace drawer with bobby pin", "sol2": "finish with bobby pin"},
     ])
     (tmp_path / "valid-labels.lst").write_text("0\n1\n")
@@ -129,7 +132,8 @@ def test_arc(tmp_path):
     with pytest.raises(EvalFormatError, match=r"ARC-Easy-Test.jsonl:2: answerKey 'E' is not among the choice labels"):
         items(p)
     write_jsonl(p, [rec])
-    assert items(p) == [EvalItem("Mercury_1", "Which gas do plants absorb? carbon dioxide", "Which gas do plants absorb?")]
+    assert items(p) == [EvalItem("Mercury_1", "Which gas do plants absorb? carbon dioxide",
+                                 "Which gas do plants absorb?")]
 
 
 def test_lambada(tmp_path):
@@ -220,7 +224,8 @@ def small_sources(tmp_path) -> list[DecontamSource]:
     hs = write_hellaswag(tmp_path / "hellaswag_val.txt", n=3)
     ce = write_ceval(tmp_path / "ceval")
     piqa = write_jsonl(tmp_path / "valid.jsonl", [
-        {"goal": "How can I keep my paint brush from drying out overnight?", "sol1": "Wrap it in plastic.", "sol2": "Leave it."},
+        {"goal": "How can I keep my paint brush from drying out overnight?", "sol1": "Wrap it in plastic.",
+         "sol2": "Leave it."},
         {"goal": "dresser", "sol1": "a b c", "sol2": "d e f"},  # 4 tokens: too short to index
     ])
     (tmp_path / "valid-labels.lst").write_text("0\n0\n")
@@ -234,7 +239,8 @@ def test_build_stats_and_roundtrip(tmp_path, small_sources):
     assert np.all(np.diff(idx.hashes.astype(np.float64)) >= 0) and len(np.unique(idx.hashes)) == len(idx)
     assert idx.stats["hellaswag"]["items"] == 3
     # PIQA: goal (11 tokens) + answer -> n-grams, goal alone -> one short shingle; "dresser a b c" skipped
-    assert idx.stats["piqa"] == {"items": 2, "ngrams": idx.stats["piqa"]["ngrams"], "short_items": 1, "skipped_items": 1}
+    assert idx.stats["piqa"] == {"items": 2, "ngrams": idx.stats["piqa"]["ngrams"], "short_items": 1,
+                                 "skipped_items": 1}
     assert idx.lengths == (11, 13)
     path = idx.save(tmp_path / "out" / "decontam.npz")
     back = DecontamIndex.load(path)
@@ -333,7 +339,8 @@ def test_prebuilt_index_must_match_config(tmp_path, small_sources):
     idx = DecontamIndex.build(small_sources, ngram=8)
     with pytest.raises(ValueError, match="built with ngram=8"):
         DecontamFilter(DecontamConfig(sources=small_sources, ngram=13, cjk_ngram=None), idx)
-    step = DecontamFilter(DecontamConfig(sources=small_sources, ngram=8, cjk_ngram=None), DecontamIndex.load(idx.save(tmp_path / "i.npz")))
+    loaded = DecontamIndex.load(idx.save(tmp_path / "i.npz"))
+    step = DecontamFilter(DecontamConfig(sources=small_sources, ngram=8, cjk_ngram=None), loaded)
     assert step(Document("w", HS_CTX)) == "decontam_hellaswag"
 
 

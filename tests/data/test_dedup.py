@@ -261,7 +261,8 @@ def test_cjk_near_duplicates_found_with_character_shingles(hasher):
 
 
 def test_signatures_deterministic_across_processes(hasher):
-    texts = ["Deterministic minhash across processes, seeds and machines. " * 5, "中文文本的签名在不同进程中必须一致。" * 4]
+    texts = ["Deterministic minhash across processes, seeds and machines. " * 5,
+             "中文文本的签名在不同进程中必须一致。" * 4]
     code = ("import json,sys; from smelt.config import MinHashConfig; "
             "from smelt.data.dedup.minhash import MinHasher; m = MinHasher(MinHashConfig()); "
             "t = json.loads(sys.stdin.read()); print(json.dumps([m.signatures(t).tolist(), m.params_digest]))")
@@ -373,7 +374,8 @@ def test_repeated_boilerplate_lines_removed_across_docs():
     mask = removal_mask(hashes, orders, max_repeats=1, keep_first=True)
     remove = {o: set(hashes[mask & (orders == o)].tolist()) for o in range(3)}
     assert remove[0] == set()
-    assert remove[1] == remove[2] == {xxhash.xxh3_64_intdigest(BOILER.encode()), xxhash.xxh3_64_intdigest(FOOTER.encode())}
+    assert remove[1] == remove[2] == {xxhash.xxh3_64_intdigest(BOILER.encode()),
+                                      xxhash.xxh3_64_intdigest(FOOTER.encode())}
     out = [remove_spans(d, spans_to_remove(u, remove[o])) for o, (d, u) in enumerate(zip(docs, per_doc, strict=True))]
     assert out[0] == docs[0]
     assert out[1] == "Second story: a bakery opened on Main Street.\n"
@@ -410,7 +412,8 @@ def test_sentence_units_find_repeated_three_sentence_spans():
     common = {h for _, _, h in ua} & {h for _, _, h in ub}
     assert len(common) == 1
     assert remove_spans(b, spans_to_remove(ub, common)) == "黄河是中华文明的摇篮。\n黄河的泥沙含量很高。"
-    assert remove_spans(a, spans_to_remove(ua, common)) == "今天我们讨论长江的历史。长江是中国最长的河流。它流经多个省份。"
+    assert (remove_spans(a, spans_to_remove(ua, common))
+            == "今天我们讨论长江的历史。长江是中国最长的河流。它流经多个省份。")
     assert units("Only one. And two.", "sentences", 1) == []
     en = "Cookies help us. By using the site you agree. Read our policy. The match ended 2-1."
     ue = units(en, "sentences", 10)

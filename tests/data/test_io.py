@@ -642,7 +642,8 @@ def test_unreachable_url_is_one_input_error() -> None:
                             "_ConnectError: [Errno -2] Name or service not known")
     # listing works but opening does not: the reader raises the same input error
     _unreachable_fs(listing=False)
-    with pytest.raises(DataInputError, match=r"^cannot reach input unreachable://host/x\.jsonl: _ConnectError: \[Errno"):
+    with pytest.raises(DataInputError,
+                       match=r"^cannot reach input unreachable://host/x\.jsonl: _ConnectError: \[Errno"):
         list(read_documents("unreachable://host/x.jsonl", src("unreachable://host/x.jsonl")))
     with pytest.raises(DataInputError, match=r"^cannot reach input unreachable://host/x\.json: _ConnectError"):
         detect_format("unreachable://host/x.json")  # .json is sniffed: opened before any work

@@ -134,7 +134,8 @@ def language_samples(root: Path, per_source: int = 250) -> dict[str, tuple[str, 
             if len(ln.strip()) >= 100 and not ln.strip().startswith("=")]
     web = [json.loads(ln)["text"] for f in sorted((root / "web_cc_dolma_sample").glob("cc_en_*.jsonl"))
            for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    lambada = [json.loads(ln)["text"] for ln in (root / "lambada/lambada_test.jsonl").read_text(encoding="utf-8").splitlines()]
+    lambada = [json.loads(ln)["text"]
+               for ln in (root / "lambada/lambada_test.jsonl").read_text(encoding="utf-8").splitlines()]
     sources = {
         "cmrc2018": ("zh", squad("cmrc2018/cmrc2018_dev.json", "cmrc2018/cmrc2018_trial.json")),
         "drcd": ("zh", squad("drcd/DRCD_dev.json")),

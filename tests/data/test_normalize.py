@@ -180,7 +180,8 @@ def _cp1252_mojibake(s: str) -> str:
     ("今天天气很好，我们去公园散步。", "今天天气很好，我们去公园散步。".encode().decode("latin-1")),
     ("中文的文字", "ä¸\xadæ\x96\x87ç\x9a\x84æ\x96\x87å\xad\x97"),
     # double-encoded: UTF-8 -> cp1252 -> UTF-8 -> cp1252
-    ("The Mona Lisa doesn’t have eyebrows.", _cp1252_mojibake(_cp1252_mojibake("The Mona Lisa doesn’t have eyebrows."))),
+    ("The Mona Lisa doesn’t have eyebrows.",
+     _cp1252_mojibake(_cp1252_mojibake("The Mona Lisa doesn’t have eyebrows."))),
     ("emoji 😀 here", _cp1252_mojibake("emoji 😀 here")),
     ("voilà le travail", "voilÃ le travail"),  # the NBSP byte became a space (restore_byte_a0)
     ("“quoted”", "\x93quoted\x94"),  # Windows-1252 read as Latin-1: C1 controls

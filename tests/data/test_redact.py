@@ -80,7 +80,8 @@ TRUE_POSITIVES = [
     ("card 4111 1111 1111 1111 123 cvv", "card <BANK_CARD> 123 cvv", {"bank_card": 1}),
     ("in 2023 4111 1111 1111 1111 was used", "in 2023 <BANK_CARD> was used", {"bank_card": 1}),
     # full-width forms (NFC keeps them; detection runs on a folded copy)
-    ("手机１３８００１３８０００，邮箱ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ。", "手机<PHONE>，邮箱<EMAIL>。", {"phone": 1, "email": 1}),
+    ("手机１３８００１３８０００，邮箱ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ。", "手机<PHONE>，邮箱<EMAIL>。",
+     {"phone": 1, "email": 1}),
     ("电话：＋８６ １３８ ００１３ ８０００", "电话：<PHONE>", {"phone": 1}),
     ("身份证１１０１０５１９４９１２３１００２Ｘ", "身份证<ID_NUM>", {"id_card": 1}),
     # IP addresses (public only)
@@ -96,8 +97,8 @@ TRUE_POSITIVES = [
     ("compressed 2001:470:1f0b::1 and 2a00:1450:4001:81c::200e", "compressed <IP> and <IP>", {"ip": 2}),
     # national phone formats (libphonenumber), with and without +CC, and extensions
     ("UK mobile 07700 900123 or +44 7700 900123", "UK mobile <PHONE> or <PHONE>", {"phone": 2}),
-    ("UK 07911 123 456, London 020 7946 0958, Manchester (0161) 496 0123", "UK <PHONE>, London <PHONE>, Manchester <PHONE>",
-     {"phone": 3}),
+    ("UK 07911 123 456, London 020 7946 0958, Manchester (0161) 496 0123",
+     "UK <PHONE>, London <PHONE>, Manchester <PHONE>", {"phone": 3}),
     ("AU 0491 570 156 and (02) 9123 4567", "AU <PHONE> and <PHONE>", {"phone": 2}),
     ("FR 06 12 34 56 78, 01.23.45.67.89, +33 6 12 34 56 78", "FR <PHONE>, <PHONE>, <PHONE>", {"phone": 3}),
     ("DE Tel. 030 12345678, Handy 0151 23456789", "DE Tel. <PHONE>, Handy <PHONE>", {"phone": 2}),

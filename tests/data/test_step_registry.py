@@ -94,13 +94,15 @@ def test_registered_step_respects_domains(tmp_path: Path, toy_step) -> None:
 
 def test_unknown_step_and_bad_options_fail_before_any_work(tmp_path: Path, toy_step) -> None:
     inp = write_inputs(tmp_path)
-    with pytest.raises(RecipeError, match=r"data\.steps\.0\.name: unknown step 'qualty'; registered steps: .*toy_min_words"):
+    with pytest.raises(RecipeError,
+                       match=r"data\.steps\.0\.name: unknown step 'qualty'; registered steps: .*toy_min_words"):
         plan_tasks(recipe(tmp_path, inp, [{"name": "qualty"}]).data)
     with pytest.raises(RecipeError, match=r"data\.steps\.0\.options\.min_words: Input should be a valid integer"):
         plan_tasks(recipe(tmp_path, inp, [{"name": "toy_min_words", "options": {"min_words": "ten"}}]).data)
     with pytest.raises(RecipeError, match=r"data\.steps\.0\.options\.max_words: Extra inputs"):
         plan_tasks(recipe(tmp_path, inp, [{"name": "toy_min_words", "options": {"min_words": 1, "max_words": 2}}]).data)
-    with pytest.raises(RecipeError, match=r"data\.steps\.0\.name: 'c4' is a built-in step; configure it under data\.heuristics\.c4"):
+    with pytest.raises(RecipeError,
+                       match=r"data\.steps\.0\.name: 'c4' is a built-in step; configure it under data\.heuristics\.c4"):
         plan_tasks(recipe(tmp_path, inp, [{"name": "c4"}]).data)
     assert not (tmp_path / "runs").exists()
 

@@ -68,14 +68,16 @@ def test_planted_outcomes_classify_each_fate(tmp_path):
         w.write(Document("a", "fine text", "web", {"planted": "clean"}))
         w.write(Document("b", "a <EMAIL>", "web", {"planted": "pii", "pii": {"email": 1}}))
         w.write(Document("c", "body only", "web", {"planted": "boilerplate", "boilerplate_lines": ["Home | About"]}))
-        w.write(Document("d", "body\nHome | About", "web", {"planted": "boilerplate", "boilerplate_lines": ["Home | About"]}))
+        w.write(Document("d", "body\nHome | About", "web",
+                         {"planted": "boilerplate", "boilerplate_lines": ["Home | About"]}))
         w.write(Document("e", "cafÃ©", "web", {"planted": "mojibake"}))
         w.write(Document("e2", "the “café” end", "web", {"planted": "mojibake"}))  # repaired by normalize
         w.write(Document("e3", "the yearÃ¢s end, ä¸­æ", "web", {"planted": "mojibake"}))  # C1 stripped, still garbled
     with ShardWriter(data / "rejects" / "part-00000.jsonl.zst", "jsonl.zst") as w:
         w.write(Document("f", "buy", "web", {"planted": "spam", "rejected_by": "gopher_quality",
                                              "reason": "gopher_too_few_stop_words"}))
-        w.write(Document("h", "ç", "web", {"planted": "mojibake", "rejected_by": "language", "reason": "lang_low_score"}))
+        w.write(Document("h", "ç", "web", {"planted": "mojibake", "rejected_by": "language",
+                                           "reason": "lang_low_score"}))
     with ShardWriter(data / "duplicates" / "part-00000.jsonl.zst", "jsonl.zst") as w:
         w.write(Document("g", "fine text", "web", {"planted": "exact_dup", "duplicate_of": "a"}))
     out = planted_outcomes(data)

@@ -121,7 +121,7 @@ def test_processors_match_transformers() -> None:
     )
 
     g = torch.Generator().manual_seed(0)
-    for trial in range(5):
+    for _ in range(5):
         scores = torch.randn(4, 50, generator=g) * 3
         ids = torch.randint(0, 50, (4, 12), generator=g)
         for k in (1, 5, 49):

@@ -148,7 +148,8 @@ def test_rolling_windows_score_each_token_with_its_truncated_context() -> None:
 def test_batching_and_padding_do_not_change_scores() -> None:
     model = _tiny_model(2)
     g = torch.Generator().manual_seed(3)
-    reqs = [Request(torch.randint(3, V, (int(c),), generator=g).tolist(), torch.randint(3, V, (int(t),), generator=g).tolist())
+    reqs = [Request(torch.randint(3, V, (int(c),), generator=g).tolist(),
+                    torch.randint(3, V, (int(t),), generator=g).tolist())
             for c, t in zip(torch.randint(1, 12, (9,), generator=g), torch.randint(1, 5, (9,), generator=g))]
     one = score_requests(model, reqs, batch_size=1, max_len=16, ranks=True)
     many = score_requests(model, reqs, batch_size=4, max_len=16, pad_id=7, ranks=True)

@@ -49,7 +49,7 @@ def test_cli_all_checkpoints_writes_results_history_and_tensorboard(run: Path, t
     assert res["step"] == 4 and res["tokens_seen"] == 4 * 4 * 32
     assert res["checkpoint"].endswith("step-0000004")
     assert set(res["perplexity"]) == {"en", "zh"}
-    for d, r in res["perplexity"].items():
+    for r in res["perplexity"].values():
         assert set(r) >= {"loss", "ppl", "bits_per_byte", "word_ppl", "tokens", "bytes", "docs"}
         assert r["docs"] == 4 and r["ppl"] == pytest.approx(math.exp(r["loss"]))
         assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / r["bytes"] / math.log(2))

@@ -129,7 +129,8 @@ def test_malformed_hellaswag_piqa_arc_ceval_name_file_and_line(tmp_path: Path) -
         load_items(h, "hellaswag")
 
     p = tmp_path / "valid.jsonl"
-    p.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n" + json.dumps({"goal": "g", "sol1": "a"}) + "\n")
+    p.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n"
+                 + json.dumps({"goal": "g", "sol1": "a"}) + "\n")
     (tmp_path / "valid-labels.lst").write_text("0\n1\n")
     with pytest.raises(BenchmarkFormatError, match=rf"{p}:2: missing or non-string field 'sol2'"):
         load_items(p, "piqa")

@@ -18,7 +18,8 @@ from smelt.tokenizer.train import load_tokenizer, train_tokenizer
 
 EN = ["The River Thames flows through London.", "Results were published in 2019 by the team.",
       "A quick brown fox jumps over the lazy dog.", "she said it's fine, really", "no capitals here at all."]
-ZH = ["长江是中国第一长河。", "北京是中华人民共和国的首都，", "研究人员连续观察了三个星期。", "人工智能正在改变生活方式！"]
+ZH = ["长江是中国第一长河。", "北京是中华人民共和国的首都，", "研究人员连续观察了三个星期。",
+      "人工智能正在改变生活方式！"]
 
 
 def _write(path: Path, docs: list[Document]) -> Path:

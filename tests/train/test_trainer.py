@@ -615,7 +615,8 @@ def _eval_recipe(probes: Path, **train: Any) -> TrainRecipe:
 
 def test_in_training_eval_keeps_resume_exact(tmp_path: Path, tokens: Path) -> None:
     probes = tmp_path / "probes.yaml"
-    probes.write_text("- {name: next, prompt: 'w40 w41', target: ' w42'}\n- {name: order, a: 'w40 w41', b: 'w41 w40'}\n")
+    probes.write_text("- {name: next, prompt: 'w40 w41', target: ' w42'}\n"
+                      "- {name: order, a: 'w40 w41', b: 'w41 w40'}\n")
     runs = {}
     for name in ("plain", "eval", "crashy"):
         runs[name] = _run_dir(tmp_path, tokens, name)

@@ -384,8 +384,8 @@ def _cell(s: str, width: int = 40) -> str:
 def format_markdown(results: dict[str, Any]) -> str:
     """results.json as markdown tables (perplexity, probes, tasks)."""
     lines = [f"# Evaluation of `{results['checkpoint']}`", "",
-             f"step {results['step']}, {results['tokens_seen']:,} training tokens" if results.get("tokens_seen") is not None
-             else f"step {results['step']}", ""]
+             f"step {results['step']}, {results['tokens_seen']:,} training tokens"
+             if results.get("tokens_seen") is not None else f"step {results['step']}", ""]
     if results["perplexity"]:
         lines += ["## Perplexity (held-out split)", "",
                   "| domain | loss (nats/token) | ppl | bits/byte | word ppl | tokens | bytes | docs |",

@@ -375,9 +375,10 @@ def format_plan(plan: Plan) -> str:
     """The plan as a few aligned text blocks (what `smelt plan` prints)."""
     p, c, m, t, d, i = plan.params, plan.compute, plan.memory, plan.time, plan.data, plan.inputs
     md = plan.model
+    experts = f" experts={md['moe_experts']}" if md["moe_experts"] else ""
     lines = [
         f"model      d={md['dim']} L={md['n_layers']} heads={md['n_heads']} (kv {md['n_kv_heads']}) "
-        f"ffn={md['hidden_dim']} vocab={md['vocab_size']}" + (f" experts={md['moe_experts']}" if md["moe_experts"] else ""),
+        f"ffn={md['hidden_dim']} vocab={md['vocab_size']}{experts}",
         f"layout     {i['gpus']} GPUs = dp {i['dp']} x tp {i['tp']} x pp {i['pp']}, ZeRO-{i['zero']}, "
         f"{i['precision']} params, {i['optimizer']}, micro-batch {i['micro_batch']} x {i['seq_len']} tokens",
         "",
@@ -417,9 +418,9 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.law is not None:
         lw = plan.law
-        lines.append(f"law        predicted loss {lw['loss']:.4f}; compute-optimal for the same {lw['flops_6nd']:.3e} "
-                     f"FLOPs: N {_si(lw['n_opt'])}, D {_si(lw['d_opt'])} ({lw['tokens_per_param_opt']:.1f} tokens/param), "
-                     f"loss {lw['loss_at_opt']:.4f}")
+        lines.append(f"law        predicted loss {lw['loss']:.4f}; compute-optimal for the same "
+                     f"{lw['flops_6nd']:.3e} FLOPs: N {_si(lw['n_opt'])}, D {_si(lw['d_opt'])} "
+                     f"({lw['tokens_per_param_opt']:.1f} tokens/param), loss {lw['loss_at_opt']:.4f}")
     return "\n".join(lines)
 
 

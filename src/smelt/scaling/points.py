@@ -70,7 +70,8 @@ def read_points(path: str | Path) -> list[Point]:
     cols = set(reader.fieldnames or [])
     missing = {"params", "loss"} - cols
     if missing or not ({"tokens", "flops"} & cols):
-        raise PointsError(f"{p}: needs columns params, loss and tokens or flops; has {', '.join(sorted(cols)) or 'none'}")
+        has = ", ".join(sorted(cols)) or "none"
+        raise PointsError(f"{p}: needs columns params, loss and tokens or flops; has {has}")
     out = []
     for i, row in enumerate(reader, start=2):
         try:

@@ -329,7 +329,7 @@ def analyze(tokenizer: Tokenizer) -> FastBPESpec:
 
     fallback: set[str] = set()
     normalizer = d.get("normalizer")
-    for i, tok in added.items():
+    for tok in added.values():
         if not tok.special:  # HF splits these out of the text even with encode_special_tokens
             if normalizer is not None and tok.normalized:
                 raise FastPathUnsupported("non-special added tokens matched on normalized text are not reproduced")

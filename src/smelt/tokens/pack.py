@@ -50,14 +50,15 @@ routes a document to ``val`` iff its ``(key, order)`` <= the threshold. The spli
 
 Resume and re-runs
 ------------------
-The stage key hashes the pack config (minus ``workers``/``parallelism``/``threads_below_mb``), the seed, the tokenizer's sha256, the
-input files (path, size, mtime) and the slicing rule. A complete manifest with the same key, and
-every shard it lists present with the right size, makes `pack_tokens` a no-op. Otherwise work
-resumes from ``_work`` when its plan has the same key (finished tasks are skipped; a task whose
-chunk is missing or truncated is redone), or starts over (stale outputs removed) when the key
-differs. Every file is written atomically, so a run killed at any point resumes to the same bytes.
-Runs whose tasks execute in this process (inline or threads) on small inputs
-(`IN_MEMORY_MAX_BYTES`) write no ``_work`` at all: a killed one restarts from scratch (see `pack_tokens`).
+The stage key hashes the pack config (minus ``workers``/``parallelism``/``threads_below_mb``), the
+seed, the tokenizer's sha256, the input files (path, size, mtime) and the slicing rule. A complete
+manifest with the same key, and every shard it lists present with the right size, makes
+`pack_tokens` a no-op. Otherwise work resumes from ``_work`` when its plan has the same key
+(finished tasks are skipped; a task whose chunk is missing or truncated is redone), or starts over
+(stale outputs removed) when the key differs. Every file is written atomically, so a run killed at
+any point resumes to the same bytes. Runs whose tasks execute in this process (inline or threads) on
+small inputs (`IN_MEMORY_MAX_BYTES`) write no ``_work`` at all: a killed one restarts from scratch
+(see `pack_tokens`).
 
 Encoding engines (``pack.engine``)
 ----------------------------------

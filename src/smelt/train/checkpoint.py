@@ -25,10 +25,10 @@ is read with ``weights_only=True``. A checkpoint directory therefore never runs 
 Atomicity: everything is written into ``step-NNNNNNN.tmp/``, files fsynced, the directory renamed
 to ``step-NNNNNNN/`` (the commit point), then ``latest`` is rewritten atomically and checkpoints
 beyond the newest ``keep`` are deleted, except a ``milestone`` (WSD's decay start). `find_latest`
-never trusts a name alone: it verifies the newest checkpoint (state JSON parses, every recorded file has its recorded size and xxh3-64
-checksum, so same-size corruption is caught too, and every byte range in the DCP metadata lies
-inside its file) and falls back to older ones, logging why. Checkpoints written before checksums
-were recorded are verified by size alone.
+never trusts a name alone: it verifies the newest checkpoint (state JSON parses, every recorded
+file has its recorded size and xxh3-64 checksum, so same-size corruption is caught too, and every
+byte range in the DCP metadata lies inside its file) and falls back to older ones, logging why.
+Checkpoints written before checksums were recorded are verified by size alone.
 
 RNG states (torch CPU and CUDA, numpy, Python) are stored as base64 / integer lists in JSON:
 ``rng`` is rank 0's, ``rng_ranks`` every rank's when the process group has several ranks. A
@@ -335,7 +335,7 @@ def find_latest(directory: str | Path) -> Path | None:
     latest_file = directory / LATEST_FILE
     if latest_file.is_file():
         pointer = latest_file.read_text(encoding="utf-8").strip()
-    for step, path in reversed(list_checkpoints(directory)):
+    for _, path in reversed(list_checkpoints(directory)):
         problem = verify_checkpoint(path)
         if problem is None:
             if pointer is not None and pointer != path.name:

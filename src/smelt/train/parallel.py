@@ -571,7 +571,7 @@ def grad_norm(params: list[nn.Parameter], device: torch.device, pp_group: Any = 
     from torch.distributed.tensor import DTensor
 
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
-    for key, grads in _grad_groups(params).items():
+    for grads in _grad_groups(params).values():
         n = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         if isinstance(n, DTensor):
             n = n.full_tensor()

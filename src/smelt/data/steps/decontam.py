@@ -277,8 +277,9 @@ def load_jsonl(path: Path) -> Iterator[EvalItem]:
             elif isinstance(gold, int) and isinstance(choices, list) and 0 <= gold < len(choices):
                 answer = str(choices[gold])
             else:
+                n_choices = len(choices) if isinstance(choices, list) else "no"
                 raise EvalFormatError(f"{path}:{lineno}: 'gold' must index 'choices' (or be the answer text), "
-                                      f"got gold={gold!r} with {len(choices) if isinstance(choices, list) else 'no'} choices")
+                                      f"got gold={gold!r} with {n_choices} choices")
             yield EvalItem(rid, _join(ctx, answer), ctx.strip())
         elif "text" in rec:
             yield EvalItem(rid, _field(rec, "text", path, lineno).strip(), "")

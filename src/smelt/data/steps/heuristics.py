@@ -306,7 +306,8 @@ def _latin_tokens(text: str) -> _Tokens:
         b = m.end() if m else len(text)
         parts.append(_latin_piece(text[a:b]))
         a = b
-    return _Tokens(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hashes", "lens", "is_word", "has_letter")))
+    fields = ("hashes", "lens", "is_word", "has_letter")
+    return _Tokens(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 def _latin_piece(text: str) -> _Tokens:
