@@ -274,3 +274,12 @@ def test_disk_and_permission_errors_are_one_sentence_with_the_path(err: OSError,
     assert msg is not None and err.filename in msg and words in msg and "\n" not in msg
     assert describe_os_error(FileNotFoundError(2, "No such file", "/x")) is None
     assert describe_os_error(ValueError("x")) is None
+
+
+def test_an_input_that_cannot_be_opened_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nruns_dir: {tmp_path / 'runs'}\n"
+                      f"data:\n  inputs:\n    - {{path: {tmp_path / 'absent.jsonl'}, domain: en}}\n")
+    assert main(["run", str(recipe), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "absent.jsonl" in err and "Traceback" not in err and err.startswith("smelt: error:")

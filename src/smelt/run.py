@@ -281,9 +281,13 @@ def _marker(ctx: Ctx, rel: str, key: str = "complete") -> bool:
 
 def _data_key(ctx: Ctx) -> str:
     from smelt.data.curate import plan_tasks, stage_key
+    from smelt.data.io import DataInputError
 
     assert ctx.recipe.data is not None
-    return stage_key(ctx.recipe.data, plan_tasks(ctx.recipe.data))
+    try:  # planning lists the inputs: a missing or unreachable one is the user's to fix
+        return stage_key(ctx.recipe.data, plan_tasks(ctx.recipe.data))
+    except DataInputError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _data_run(ctx: Ctx) -> dict[str, Any]:
