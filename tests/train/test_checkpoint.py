@@ -302,3 +302,28 @@ def test_real_metadata_reads_with_the_safe_unpickler(tmp_path: Path) -> None:
     path = ck.save_checkpoint(tmp_path, 1, model, opt, {})
     md = ck.read_metadata(path)
     assert any(k.startswith("model.") for k in md.state_dict_metadata)
+
+
+class _EnumByGetattr:
+    """Pickles like an enum member on Python versions that write ``getattr(EnumClass, "NAME")``."""
+
+    def __init__(self, cls: object, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self) -> tuple:
+        return (getattr, (self.cls, self.name))
+
+
+def test_metadata_enum_members_by_getattr_load_and_nothing_else_does(tmp_path: Path) -> None:
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    member = ck._MetadataUnpickler(io.BytesIO(pickle.dumps(
+        _EnumByGetattr(_MEM_FORMAT_ENCODING, "TORCH_CONTIGUOUS_FORMAT")))).load()
+    assert member is _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    # the first step of an escape (getattr -> type -> __subclasses__ -> ... -> os.system) is refused
+    for cls, name in ((torch.Size, "__class__"), (_MEM_FORMAT_ENCODING, "__init__"),
+                      (_MEM_FORMAT_ENCODING, "_member_map_")):
+        with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
+            ck._MetadataUnpickler(io.BytesIO(pickle.dumps(_EnumByGetattr(cls, name)))).load()

@@ -206,10 +206,25 @@ _SAFE_GLOBALS: dict[str, frozenset[str]] = {
 }
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """What ``builtins.getattr`` may do in metadata: some Python versions pickle an enum member
+    as ``getattr(EnumClass, "NAME")``. Only members of an allowed enum; a general getattr would
+    reach any attribute of any object (and from there ``os.system``)."""
+    import enum
+
+    allowed = (isinstance(cls, type) and issubclass(cls, enum.Enum)
+               and cls.__name__ in _SAFE_GLOBALS.get(cls.__module__, ()))
+    if allowed and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"refusing getattr({cls!r}, {name!r}): only members of DCP's metadata enums")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _SAFE_GLOBALS.get(module, ()):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of DCP metadata")
