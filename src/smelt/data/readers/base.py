@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from smelt.data.document import Document
-from smelt.data.fs import GLOB_MAGIC, basename, glob_root, is_url, local_path, url_fs
+from smelt.data.fs import CORRUPT_ERRORS, GLOB_MAGIC, basename, glob_root, is_url, local_path, open_input, url_fs
 
 if TYPE_CHECKING:
     from smelt.config import InputSource
@@ -90,6 +90,15 @@ class FileReader:
             log.warning("%s:%d: %s: %s", self.path, n, reason, message)
         return Document(id=doc_id or self.gen_id(n), text=raw, domain=self.domain,
                         meta={"source": f"{self.display}:{n}", "read_error": reason, "error": message})
+
+    def read_whole(self) -> bytes | Document:
+        """The whole file's bytes, or the ``corrupt_file`` error document when a compressed file
+        cannot be read to its end (formats that parse a file at once: text, HTML, SQuAD)."""
+        with open_input(self.path) as stream:
+            try:
+                return stream.read()
+            except CORRUPT_ERRORS as e:
+                return self.error_doc(1, "corrupt_file", f"{type(e).__name__}: {e}")
 
     def skip(self, key: str, n: int, why: str) -> None:
         """Count record `n` that is not a document at all (under `key` in the skip counts)."""

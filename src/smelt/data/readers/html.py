@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from smelt.data.document import Document
-from smelt.data.fs import CORRUPT_ERRORS, open_input
 from smelt.data.readers.base import FileReader
 
 # HTML -> text. datatrove's Trafilatura extractor (used for FineWeb, Penedo et al. 2024):
@@ -26,12 +25,10 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
 def read(r: FileReader) -> Iterator[Document]:
-    with open_input(r.path) as stream:
-        try:
-            payload = stream.read()
-        except CORRUPT_ERRORS as e:
-            yield r.error_doc(1, "corrupt_file", f"{type(e).__name__}: {e}")
-            return
+    payload = r.read_whole()
+    if isinstance(payload, Document):
+        yield payload
+        return
     yield html_doc(r, 1, payload, None, None, r.gen_id(1), {})
 
 

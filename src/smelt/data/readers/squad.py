@@ -76,12 +76,10 @@ def read(r: FileReader) -> Iterator[Document]:
     record boundaries to stream on. ``qas`` (questions and answers) are not copied into meta:
     they are bulky, and they are evaluation material that the corpus should not carry along.
     """
-    with open_input(r.path) as stream:
-        try:
-            data = stream.read()
-        except CORRUPT_ERRORS as e:
-            yield r.error_doc(1, "corrupt_file", f"{type(e).__name__}: {e}")
-            return
+    data = r.read_whole()
+    if isinstance(data, Document):
+        yield data
+        return
     try:
         obj = json.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except UnicodeDecodeError as e:

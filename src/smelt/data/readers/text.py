@@ -17,12 +17,10 @@ def read(r: FileReader) -> Iterator[Document]:
 
 
 def read_file(r: FileReader) -> Iterator[Document]:
-    with open_input(r.path) as stream:
-        try:
-            data = stream.read()
-        except CORRUPT_ERRORS as e:
-            yield r.error_doc(1, "corrupt_file", f"{type(e).__name__}: {e}")
-            return
+    data = r.read_whole()
+    if isinstance(data, Document):
+        yield data
+        return
     data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8")
