@@ -74,7 +74,9 @@ def test_extending_max_steps_resumes_and_keeps_what_was_there(finished: Path, tm
     assert tm["resumed_from"] == "step-0000040" and tm["steps"] == 46 and tm["checkpoint"].endswith("step-0000046")
     assert {n: _digest(ckpts / n) for n in kept} == kept
     assert (run / "train" / "metrics.jsonl").read_text().splitlines()[:len(lines)] == lines
-    assert state["set_aside"] == []
+    # training continued in place; the step-40 evaluation and export were kept, not overwritten
+    assert state["set_aside"] == ["eval.prev-1", "export.prev-1"]
+    assert json.loads((run / "eval.prev-1" / "results.json").read_text())["checkpoint"].endswith("step-0000040")
 
 
 def test_a_changed_computation_key_stops_naming_it_and_from_train_moves_aside(finished: Path, tmp_path: Path,
@@ -90,7 +92,7 @@ def test_a_changed_computation_key_stops_naming_it_and_from_train_moves_aside(fi
     assert _run(run, *KEEP, "--set", "train.optim.lr=0.01", "--from", "train") == 0
     assert _digest(run / "train.prev-1") == before
     state = _state(run)
-    assert state["set_aside"] == ["train.prev-1"]
+    assert state["set_aside"] == ["eval.prev-1", "export.prev-1", "train.prev-1"]
     assert json.loads((run / "train" / "manifest.json").read_text())["resumed_from"] is None
 
 

@@ -42,7 +42,7 @@ from smelt.config import EvalConfig, Recipe, RecipeError, recipe_to_dict
 from smelt.eval.perplexity import HeldOutDoc, document_prefix_id, held_out_documents, perplexity_by_domain
 from smelt.eval.probes import Probe, load_probe_files, run_probes, write_history
 from smelt.eval.tasks import evaluate_task
-from smelt.fsutil import atomic_write_json, atomic_write_text, locked, read_json
+from smelt.fsutil import atomic_write_json, atomic_write_text, locked, move_aside, read_json
 from smelt.model.loaded import ModelLoader
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,8 @@ def run_eval(recipe: Recipe, run_dir: str | Path, checkpoint: str | Path | None 
         if checkpoint is None:
             _check_final_checkpoint(run_dir)
 
+    if (eval_dir / "results.json").is_file():
+        move_aside(eval_dir, "eval")  # earlier results (another checkpoint or config) are kept
     tb = _tb_writer(eval_dir, cfg)
     lm: Any = None
     try:

@@ -115,29 +115,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def _staging_dir(out_dir: Path, *, keep_old: bool = False) -> Iterator[Path]:
-    """A temp sibling of ``out_dir``, renamed over it on clean exit, deleted on error.
-
-    ``keep_old``: an existing ``out_dir`` is moved aside (``<name>.prev-N``) instead of deleted."""
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temp sibling of ``out_dir``, renamed into place on clean exit, deleted on error. An
+    existing ``out_dir`` (an earlier export, or whatever the user had there) is moved aside to
+    ``<name>.prev-N``, never deleted."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp)  # our own staging directory from a process with this PID that died
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists() and keep_old:
-        move_aside(out_dir, "import")
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    move_aside(out_dir, "write")
+    os.replace(tmp, out_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -670,7 +663,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, atol: float = PARITY_A
         raise InteropError(f"{hf_dir}: no {CONFIG_FILE} (not a Hugging Face model directory)")
     cfg, model, config = _hf_model(hf_dir)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", out_dir.name).strip("-") or "imported"
-    with _staging_dir(out_dir, keep_old=True) as tmp:
+    with _staging_dir(out_dir) as tmp:
         recipe = {"name": name, "model": {k: v for k, v in recipe_to_dict(cfg).items() if v is not None}}
         header = f"# imported from {hf_dir} by `smelt import`; the model: section is the source's config.json\n"
         atomic_write_text(tmp / "recipe.yaml", header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
