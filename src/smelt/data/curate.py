@@ -199,6 +199,26 @@ def build_pipeline(cfg: DataConfig, work_dir: Path | None) -> Pipeline:
     return Pipeline(steps=steps, read=ReadCheck(cfg.min_doc_chars, cfg.max_doc_chars), hasher=hasher)
 
 
+def steps_before(cfg: DataConfig, name: str, work_dir: Path | None) -> Pipeline:
+    """The pipeline up to (not including) step `name`: what a step's `prepare` runs to see a
+    sample of documents as the step itself will see them (e.g. to set a top-fraction cutoff)."""
+    from smelt.data.steps.registry import StepContext, build_step
+
+    ctx = StepContext(data=cfg, work_dir=work_dir)
+    steps = []
+    for n, section in pipeline_steps(cfg):
+        if n == name:
+            break
+        steps.append((build_step(n, _step_config(n, section), ctx), section))
+    return Pipeline(steps=steps, read=ReadCheck(cfg.min_doc_chars, cfg.max_doc_chars), hasher=None)
+
+
+def filter_documents(p: Pipeline, docs: list[Document]) -> list[Document]:
+    """The documents of `docs` that `p`'s read check and steps keep (stats are not kept)."""
+    ok = [d for d in docs if p.read.process(d) is None]
+    return [d for d, r in zip(ok, _filter_batch(ok, p)) if r is None]
+
+
 def registries() -> dict[str, Any]:
     """This process's reader and step registrations, sent with every task: spawned workers
     start with the built-in ones only (see `smelt.data.plugins`)."""
@@ -243,6 +263,27 @@ def _sizes(doc: Document) -> tuple[int, int]:
     return len(doc.text.encode("utf-8", "surrogatepass")), len(doc.text)
 
 
+BATCH_DOCS = 256  # documents a task sends through the steps together: a model-based step scores them at once
+BATCH_CHARS = 8_000_000  # ... or fewer, so that a run of huge documents does not pile up in memory
+
+
+def _filter_batch(docs: list[Document], p: Pipeline) -> list[tuple[str, str] | None]:
+    """Each document's rejection ``(step, reason)``, or None when every step kept it. The steps run
+    in order, each on the documents that the earlier ones kept and that its `domains` cover, so
+    a document meets the same steps in the same order as it would alone."""
+    outcome: list[tuple[str, str] | None] = [None] * len(docs)
+    alive = list(range(len(docs)))
+    for step, scfg in p.steps:
+        idx = [i for i in alive if scfg is None or scfg.applies_to(docs[i].domain)]
+        if not idx:
+            continue
+        for i, reason in zip(idx, step.batch([docs[i] for i in idx])):
+            if reason is not None:
+                outcome[i] = (step.name, reason)
+        alive = [i for i in alive if outcome[i] is None]
+    return outcome
+
+
 def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                 registries: dict[str, Any] | None = None) -> dict[str, Any]:
     from smelt.data.dedup.exact import exact_key
@@ -273,32 +314,22 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
     kept_chars: Counter = Counter()
     with ShardWriter(out / "rejects" / f"filter-{ti:05d}{shard_suffix(fmt)}", fmt) as rejects, \
             _KeptSink(out, work, ti, fmt, direct) as kept:
-        for fi in plan["tasks"][ti]:
-            si, path = plan["files"][fi]
-            src = cfg.inputs[si]
-            for doc in read_documents(path, src):
-                order = (ti << 32) | pos
-                pos += 1
-                b, c = _sizes(doc)
-                in_bytes[doc.domain] += b
-                in_chars[doc.domain] += c
-                reason = p.read(doc)
+        buf: list[tuple[int, Document, str | None, str]] = []  # (order, doc, read-level reject reason, file)
+
+        def flush() -> None:
+            """Send the buffered documents through the steps, then record them in read order."""
+            outcome = _filter_batch([doc for _, doc, r, _ in buf if r is None], p)
+            it = iter(outcome)
+            for order, doc, reason, path in buf:
                 if reason is not None:
                     if len(read_errors) < 100 and doc.meta.get("read_error"):
                         read_errors.append({"source": doc.meta.get("source", path), "file": path,
                                             "reason": reason, "error": doc.meta.get("error", "")})
                     rejects.write(mark_rejected(doc, "read", reason))
                     continue
-                rejected = False
-                for step, scfg in p.steps:
-                    if scfg is not None and not scfg.applies_to(doc.domain):
-                        continue
-                    reason = step(doc)
-                    if reason is not None:
-                        rejects.write(mark_rejected(doc, step.name, reason))
-                        rejected = True
-                        break
-                if rejected:
+                rejected = next(it)
+                if rejected is not None:
+                    rejects.write(mark_rejected(doc, *rejected))
                     continue
                 kept.write(doc)
                 if direct:  # no dedup: this is the final output, nothing else to record
@@ -318,10 +349,29 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                 if p.hasher is not None:
                     sigs.append(p.hasher.signature(doc.text) if use_mh else
                                 np.zeros(cfg.dedup.minhash.bands * cfg.dedup.minhash.rows, dtype=np.uint64))
+            buf.clear()
+
+        buf_chars = 0
+        for fi in plan["tasks"][ti]:
+            si, path = plan["files"][fi]
+            src = cfg.inputs[si]
+            for doc in read_documents(path, src):
+                order = (ti << 32) | pos
+                pos += 1
+                b, c = _sizes(doc)
+                in_bytes[doc.domain] += b
+                in_chars[doc.domain] += c
+                buf.append((order, doc, p.read(doc), path))
+                buf_chars += c
+                if len(buf) >= BATCH_DOCS or buf_chars >= BATCH_CHARS:
+                    flush()
+                    buf_chars = 0
+        flush()
     result = {"task": ti, "n_read": pos, "rejects": rejects.count,
               "input_bytes": dict(in_bytes), "input_chars": dict(in_chars),
               "steps": {name: s.stats.to_dict() for name, s in
                         [("read", p.read)] + [(s.name, s) for s, _ in p.steps]},
+              "info": {s.name: s.info() for s, _ in p.steps if s.info()},
               "read_errors": read_errors}
     if direct:
         result["write"] = {"task": ti, "kept_docs": dict(kept_docs), "kept_bytes": dict(kept_bytes),
@@ -663,6 +713,10 @@ def build_stats(filter_res: list[dict[str, Any]], dedup_stats: dict[str, Any],
                      "chars_in": in_chars[d], "chars_kept": kept_c[d]} for d in domains}
     order = [n for n in step_order if n in steps]
     order += [n for n in ("exact_dedup", "minhash_dedup", "line_dedup") if n in steps and steps[n].by_domain]
+    info: dict[str, Any] = {}  # every task's step decided the same (thresholds fixed before the filter phase)
+    for r in filter_res:
+        for name, d in r.get("info", {}).items():
+            info.setdefault(name, d)
     read_errors = [e for r in filter_res for e in r["read_errors"]][:100]
     return {
         "format_version": FORMAT_VERSION,
@@ -672,7 +726,7 @@ def build_stats(filter_res: list[dict[str, Any]], dedup_stats: dict[str, Any],
         "chars": {"input": sum(in_chars.values()), "kept": sum(kept_c.values())},
         "by_domain": by_domain,
         "rejects_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "steps": [{"name": n, **steps[n].to_dict()} for n in order],
+        "steps": [{"name": n, **steps[n].to_dict(), **({"info": info[n]} if n in info else {})} for n in order],
         "minhash_cluster_sizes": dedup_stats["cluster_sizes"],
         "read_errors": read_errors,
     }

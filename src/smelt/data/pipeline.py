@@ -105,16 +105,39 @@ class Step:
         if n:
             self.stats.domain(doc.domain).counters[key] += n
 
-    def __call__(self, doc: Document) -> str | None:
-        """Run `process` and record the outcome."""
+    def process_batch(self, docs: list[Document]) -> list[str | None]:
+        """`process` for several documents at once, in order. Steps that run a model override it
+        to score a batch in one call; the outcome of a document must not depend on its batch."""
+        return [self.process(doc) for doc in docs]
+
+    def info(self) -> dict[str, Any]:
+        """What the step decided once for all documents (a scoring step's thresholds), for
+        ``stats.json`` and the report; empty for most steps."""
+        return {}
+
+    def _record(self, doc: Document, reason: str | None) -> None:
         ds = self.stats.domain(doc.domain)
         ds.seen += 1
-        reason = self.process(doc)
         if reason is None:
             ds.kept += 1
         else:
             ds.dropped[reason] += 1
+
+    def __call__(self, doc: Document) -> str | None:
+        """Run `process` and record the outcome."""
+        reason = self.process(doc)
+        self._record(doc, reason)
         return reason
+
+    def batch(self, docs: list[Document]) -> list[str | None]:
+        """Run `process_batch` and record each outcome."""
+        reasons = self.process_batch(docs) if docs else []
+        if len(reasons) != len(docs):
+            raise RuntimeError(f"step {self.name!r}: process_batch returned {len(reasons)} outcomes "
+                               f"for {len(docs)} documents")
+        for doc, reason in zip(docs, reasons):
+            self._record(doc, reason)
+        return reasons
 
     def run(self, docs: Iterable[Document],
             on_reject: Callable[[Document], None] | None = None) -> Iterator[Document]:
