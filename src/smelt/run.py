@@ -53,6 +53,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+import smelt.quality  # noqa: F401  (registers the model-based curation steps: quality, perplexity, toxicity)
 from smelt.config import (
     Recipe,
     RecipeError,
