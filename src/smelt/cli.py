@@ -164,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
     # ---- end smelt run / smelt report ----
 
+    # ---- smelt compare ----
+    cm = sub.add_parser("compare", help="compare finished runs side by side: data kept, bits/byte, benchmarks",
+                        description="Read each RUN_DIR's recipe.yaml, train/manifest.json, data/stats.json and "
+                                    "eval/results.json and write a side-by-side table (tokens, steps, kept "
+                                    "documents and bytes, bits/byte per domain, benchmark accuracy ± stderr, the "
+                                    "best value per column in bold) as compare.md, compare.html, compare.json and "
+                                    "compare.png. A missing file is a dash and a note, not an error.")
+    cm.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
+    cm.add_argument("--out", default=None, metavar="DIR",
+                    help="output directory (default: ./compare-<YYYYmmdd-HHMMSS>); an earlier comparison there is "
+                         "moved aside (DIR.prev-N), never overwritten")
+    cm.add_argument("--name", default=None, help="title of the comparison (default: 'Comparison of N runs')")
+    _common(cm, overrides=False)
+    cm.set_defaults(func=cmd_compare)
+    # ---- end smelt compare ----
+
     # ---- smelt plan / smelt scaling (plan and scale) ----
     pl = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU, time and cost of a training run",
                         description="Plan RECIPE's run (or a preset with --preset, --tokens, --gpus ...): parameters, "
@@ -668,6 +684,26 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
 
 
 # ---- end smelt plan / smelt scaling ----
+
+
+# ---- smelt compare ----
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from smelt.compare import CompareError, compare_runs, default_out_dir, format_markdown, write_comparison
+
+    _refuse_overrides(args, "it compares what the run directories recorded")
+    try:
+        cmp = compare_runs([Path(p) for p in args.run_dirs], name=args.name)
+    except CompareError as e:
+        raise RecipeError(str(e)) from None
+    write_comparison(cmp, Path(args.out) if args.out else default_out_dir())
+    if not args.quiet:
+        print(format_markdown(cmp), end="")  # plain markdown: the table is wider than a terminal
+    return 0
+
+
+# ---- end smelt compare ----
 
 
 def main(argv: list[str] | None = None) -> int:

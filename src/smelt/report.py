@@ -10,6 +10,9 @@ file can be mailed or attached to an issue. Sections, each with its source:
                          bytes in/kept), data/planted.json via smelt.demo.outcomes (demo labels)
     Deduplication        data/stats.json minhash_cluster_sizes, dedup steps
     PII                  data/stats.json pii step counters
+    Model-based scores   data/stats.json steps[].info.scores (score keys, cutoffs per group) and the
+                         scores in ``meta`` of the first documents of data/clean and data/rejects;
+                         present only when a curation step scored documents
     Tokenizer            tokenizer/stats.json, tokenizer/eval.json (compression per domain)
     Tokens and mixture   tokens/manifest.json, the loader weights of recipe.yaml
     Training             train/metrics.jsonl (loss overall and per domain, validation loss, LR,
@@ -32,6 +35,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,13 @@ log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "report_samples.json"
 MAX_METRIC_LINES = 200_000  # a report never needs more points than this per curve
+# Model-based scores: the documents read for the histograms are the first in shard order, at most
+# SCORE_DOCS with a score per domain and outcome (kept / rejected) and SCORE_SCAN per outcome in all,
+# so that the section costs seconds whatever the size of the corpus.
+SCORE_DOCS = 20_000
+SCORE_SCAN = 200_000
+SCORE_EXAMPLES = 3  # documents shown on each side of a domain's first cutoff
+SCORE_SNIPPET = 200  # characters of each example shown
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -65,6 +76,7 @@ SECTIONS = [("overview", "Overview"), ("data", "Data funnel"), ("dedup", "Dedupl
             ("tokenizer", "Tokenizer"), ("tokens", "Tokens and mixture"), ("training", "Training"),
             ("evaluation", "Evaluation"), ("samples", "Samples"), ("recipe", "Recipe"), ("timings", "Timings"),
             ("scaling", "Scaling laws")]
+SCORES_SECTION = ("scores", "Model-based scores")  # only when a curation step scored documents
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +99,14 @@ def _num(x: Any, spec: str = ",") -> str:
         return format(x, spec)
     except (TypeError, ValueError):
         return str(x)
+
+
+def _median(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    ys = sorted(xs)
+    m = len(ys) // 2
+    return ys[m] if len(ys) % 2 else (ys[m - 1] + ys[m]) / 2
 
 
 def _table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
@@ -139,6 +159,135 @@ def _load_json(path: Path, notes: list[str]) -> Any | None:
     except (ValueError, OSError) as e:
         notes.append(f"{path}: unreadable ({e})")
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# model-based scores: what the scoring steps declared, and the scores on the documents
+
+
+def _score_specs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The scores the curation steps declared in ``stats.json`` (``steps[].info.scores``), each
+    with its ``step``; the first step wins a key declared twice."""
+    out: list[dict[str, Any]] = []
+    for st in (stats or {}).get("steps") or []:
+        info = st.get("info") if isinstance(st, dict) else None
+        for sc in (info.get("scores") or []) if isinstance(info, dict) else []:
+            if isinstance(sc, dict) and isinstance(sc.get("key"), str) and all(o["key"] != sc["key"] for o in out):
+                cut = sc.get("cutoffs")
+                out.append({**sc, "step": st.get("name"), "cutoffs": cut if isinstance(cut, dict) else {}})
+    return out
+
+
+def _meta_score(meta: dict[str, Any], key: str) -> float | None:
+    """The finite number at dotted path ``key`` in ``meta``, else None (not scored)."""
+    cur: Any = meta
+    for part in key.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)) or not math.isfinite(cur):
+        return None
+    return float(cur)
+
+
+def _domain_cutoffs(cutoffs: dict[str, Any], domain: str) -> list[tuple[str | None, str, float]]:
+    """(language or None, cutoff name, value) of the groups that cover ``domain``: ``*`` (every
+    group), the domain itself and its ``domain/lang`` groups, in the order of ``cutoffs``."""
+    out = []
+    for group, cut in cutoffs.items():
+        dom, _, lang = group.partition("/")
+        if (group == "*" or dom == domain) and isinstance(cut, dict):
+            out += [(lang or None, str(name), float(v)) for name, v in cut.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return out
+
+
+class _Nearest:
+    """The ``k`` documents closest to ``threshold`` on each side, in one pass; ties go to the
+    document met first."""
+
+    def __init__(self, threshold: float, lang: str | None, k: int) -> None:
+        self.threshold, self.lang, self.k = threshold, lang, k
+        self.above: list[tuple[float, int, tuple]] = []  # heap: the farthest above on top
+        self.below: list[tuple[float, int, tuple]] = []  # heap: the farthest below on top
+
+    def add(self, value: float, order: int, make: Callable[[], tuple]) -> None:
+        import heapq
+
+        heap, key = (self.above, -value) if value >= self.threshold else (self.below, value)
+        if len(heap) < self.k:
+            heapq.heappush(heap, (key, -order, make()))
+        elif (key, -order) > heap[0][:2]:
+            heapq.heapreplace(heap, (key, -order, make()))
+
+    def rows(self) -> list[tuple]:
+        above = sorted(self.above, key=lambda t: (-t[0], -t[1]))
+        below = sorted(self.below, key=lambda t: (-t[0], -t[1]))
+        return [("above", *t[2]) for t in above] + [("below", *t[2]) for t in below]
+
+
+def _example(doc: Any, outcome: str, value: float) -> tuple[str, float, str, str]:
+    """(id, score, outcome, first characters) of an example document."""
+    if outcome != "kept":
+        outcome = f"rejected: {doc.meta.get('rejected_by')}/{doc.meta.get('reason')}"
+    text = " ".join(doc.text[:SCORE_SNIPPET].split()) + ("…" if len(doc.text) > SCORE_SNIPPET else "")
+    return doc.id, value, outcome, text
+
+
+def _read_scores(data_dir: Path, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pass over the first documents of ``clean/`` (kept) and ``rejects/`` (rejected): per score
+    key and domain, the values of each outcome and the documents nearest the domain's first cutoff;
+    shards that could not be read under ``problems``."""
+    from smelt.data.io import read_shard
+
+    values: dict[str, dict[str, dict[str, list[float]]]] = {sp["key"]: {} for sp in specs}
+    nearest: dict[str, dict[str, _Nearest | None]] = {sp["key"]: {} for sp in specs}
+    scanned: dict[str, int] = {}
+    capped: set[str] = set()
+    problems: list[str] = []
+    order = 0
+    for kind, outcome in (("clean", "kept"), ("rejects", "rejected")):
+        root = data_dir / kind
+        files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")
+                       and f.name.endswith((".jsonl", ".jsonl.zst", ".parquet"))) if root.is_dir() else []
+        taken: Counter = Counter()  # documents with a score, per domain
+        n = 0
+        for f in files:
+            try:
+                for doc in read_shard(f):
+                    n += 1
+                    if n > SCORE_SCAN:
+                        capped.add(outcome)
+                        break
+                    if taken[doc.domain] >= SCORE_DOCS:
+                        capped.add(outcome)
+                        if kind == "clean":
+                            break  # clean/<domain>/ holds one domain
+                        continue
+                    order += 1
+                    scored = False
+                    for sp in specs:
+                        v = _meta_score(doc.meta, sp["key"])
+                        if v is None:
+                            continue
+                        scored = True
+                        per = values[sp["key"]].setdefault(doc.domain, {"kept": [], "rejected": []})
+                        per[outcome].append(v)
+                        if doc.domain not in nearest[sp["key"]]:
+                            cuts = _domain_cutoffs(sp["cutoffs"], doc.domain)
+                            first = next((c for c in cuts if c[1] == "threshold"), cuts[0] if cuts else None)
+                            nearest[sp["key"]][doc.domain] = (
+                                None if first is None else _Nearest(first[2], first[0], SCORE_EXAMPLES))
+                        near = nearest[sp["key"]][doc.domain]
+                        if near is not None and near.lang in (None, doc.meta.get("language") or "unknown"):
+                            near.add(v, order, lambda d=doc, o=outcome, x=v: _example(d, o, x))
+                    taken[doc.domain] += scored
+            except (ValueError, OSError) as e:  # a damaged shard: say so, show the rest
+                problems.append(f"{f}: unreadable ({e})")
+            if n > SCORE_SCAN:
+                break
+        scanned[outcome] = min(n, SCORE_SCAN)
+    return {"values": values, "nearest": nearest, "scanned": scanned, "capped": capped, "problems": problems}
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +500,80 @@ class Report:
             ax.set_ylabel("occurrences")
             out += _fig(fig, "pii counts")
         return out
+
+    # -- model-based scores -----------------------------------------------------------------
+    def scores(self) -> str:
+        specs = _score_specs(self.stats)
+        read = _read_scores(self.run_dir / "data", specs)
+        capped = " and ".join(sorted(read["capped"]))
+        out = (f"<p>Scores written to <code>meta</code> by the curation steps, read from the first documents "
+               f"of <code>data/clean</code> (kept: {read['scanned'].get('kept', 0):,} read) and "
+               f"<code>data/rejects</code> (rejected: {read['scanned'].get('rejected', 0):,} read), at most "
+               f"{SCORE_DOCS:,} scored documents per domain and outcome"
+               f"{f' (the limit was reached for {capped} documents)' if capped else ''}. Rejected documents "
+               f"include those rejected by later steps; those rejected before a step carry no score of it.</p>")
+        out += "".join(f'<p class="bad">{_e(p)}</p>' for p in read["problems"])
+        plt = self.plt
+        for sp in specs:
+            key, better = sp["key"], "higher" if sp.get("higher_is_better", True) else "lower"
+            rule = f", rule {sp['rule']}" if sp.get("rule") else ""
+            out += (f"<h3>{_e(sp.get('label') or key)}</h3><p><code>meta.{_e(key)}</code>, step "
+                    f"{_e(sp['step'])}{_e(rule)}; {better} is better.</p>")
+            cut_rows = [[g, name, _num(v, ".4g")] for g, cut in sp["cutoffs"].items() if isinstance(cut, dict)
+                        for name, v in cut.items()]
+            out += _table(["group", "cutoff", "value"], cut_rows) if cut_rows else _note(
+                "no cutoffs (the step scores only, or keeps by a random draw)")
+            per = read["values"][key]
+            doms = [d for d in sorted(per) if per[d]["kept"] or per[d]["rejected"]]
+            if not doms:
+                out += _note(f"no document read carries meta.{key}")
+                continue
+            cols = min(3, len(doms))
+            rows_n = -(-len(doms) // cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 2.9 * rows_n), squeeze=False)
+            for ax in axes.flat[len(doms):]:
+                ax.axis("off")
+            for ax, d in zip(axes.flat, doms):
+                self._score_hist(ax, per[d], _domain_cutoffs(sp["cutoffs"], d), f"{d}")
+                ax.set_xlabel(f"{key} ({better} is better)")
+            fig.tight_layout()
+            out += _fig(fig, f"{key} per domain")
+            out += _table(["domain", "kept, scored", "rejected, scored", "median kept", "median rejected"],
+                          [[d, len(per[d]["kept"]), len(per[d]["rejected"]), _num(_median(per[d]["kept"]), ".4g"),
+                            _num(_median(per[d]["rejected"]), ".4g")] for d in doms])
+            for d in doms:
+                near = read["nearest"][key].get(d)
+                if near is None or not (near.above or near.below):
+                    continue
+                lang = f", language {near.lang}" if near.lang else ""
+                out += (f"<h4>{_e(d)}: the documents nearest the cutoff {_num(near.threshold, '.4g')}{_e(lang)}</h4>"
+                        + _table(["side", "id", "score", "outcome", f"first {SCORE_SNIPPET} characters"],
+                                 [[side, i, _num(v, ".4g"), o, text] for side, i, v, o, text in near.rows()]))
+        return out
+
+    @staticmethod
+    def _score_hist(ax: Any, values: dict[str, list[float]], cuts: list[tuple[str | None, str, float]],
+                    title: str) -> None:
+        """Kept and rejected stacked on the same bins, each cutoff a labelled vertical line. The bins
+        span the 0.5th to 99.5th percentile (and every cutoff); values outside fall in the end bins."""
+        import numpy as np
+
+        allv = np.asarray(values["kept"] + values["rejected"], dtype=np.float64)
+        lo, hi = (float(x) for x in np.percentile(allv, [0.5, 99.5]))
+        lo, hi = min([lo, *(c[2] for c in cuts)]), max([hi, *(c[2] for c in cuts)])
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 41)
+        data = [np.clip(np.asarray(values[k], dtype=np.float64), lo, hi) for k in ("kept", "rejected")]
+        ax.hist(data, bins=bins, stacked=True, color=["#4c78a8", "#e45756"],
+                label=[f"kept ({len(values['kept']):,})", f"rejected ({len(values['rejected']):,})"])
+        colors = ["#111827", "#f58518", "#54a24b", "#b279a2", "#9d755d"]
+        for j, (lang, name, v) in enumerate(cuts):
+            ax.axvline(v, color=colors[j % len(colors)], ls="--", lw=1.1,
+                       label=f"{name}{f' ({lang})' if lang else ''} = {v:.3g}")
+        ax.set_title(title)
+        ax.set_ylabel("documents")
+        ax.legend(fontsize=6)
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenizer(self) -> str:
@@ -618,14 +841,23 @@ class Report:
         return out
 
     # -- page -------------------------------------------------------------------------------
+    def sections(self) -> list[tuple[str, str]]:
+        """`SECTIONS`, with the optional ones this run has inputs for: model-based scores after PII
+        when a curation step declared scores."""
+        out = list(SECTIONS)
+        if _score_specs(self.stats):
+            out.insert(out.index(("pii", "PII")) + 1, SCORES_SECTION)
+        return out
+
     def render(self) -> str:
         makers: dict[str, Callable[[], str]] = {
             "overview": self.overview, "data": self.data, "dedup": self.dedup, "pii": self.pii,
-            "tokenizer": self.tokenizer, "tokens": self.tokens_section, "training": self.training,
-            "evaluation": self.evaluation, "samples": self.samples, "recipe": self.recipe_section,
-            "timings": self.timings, "scaling": self.scaling}
+            "scores": self.scores, "tokenizer": self.tokenizer, "tokens": self.tokens_section,
+            "training": self.training, "evaluation": self.evaluation, "samples": self.samples,
+            "recipe": self.recipe_section, "timings": self.timings, "scaling": self.scaling}
+        sections = self.sections()
         body = []
-        for sid, title in SECTIONS:
+        for sid, title in sections:
             try:
                 content = makers[sid]()
             except Exception as e:  # one broken input must not cost the whole report
@@ -633,7 +865,7 @@ class Report:
                 content = f'<p class="bad">section failed: {_e(type(e).__name__)}: {_e(e)}</p>'
             body.append(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>')
         name = self.recipe.get("name") or self.run_dir.name
-        nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in SECTIONS)
+        nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in sections)
         now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
