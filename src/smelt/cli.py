@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import smelt.quality  # noqa: F401  (registers the model-based curation steps: quality, perplexity, toxicity)
 from smelt import __version__
 from smelt.config import Recipe, RecipeError, load_recipe, write_resolved_recipe
 from smelt.fsutil import RunDirLocked, describe_os_error
@@ -216,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="`smelt scaling sweep RECIPE` trains the recipe's `scaling:` ladder (IsoFLOP or "
                                     "WSD runs in <run>/scaling/, points in scaling/points.csv); `smelt scaling fit "
                                     "POINTS.csv` fits L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla "
-                                    "approaches 2 and 3) and writes fit.json and plots beside the points.")
-    scs = sc.add_subparsers(dest="scaling_command", metavar="{sweep,fit}")
+                                    "approaches 2 and 3) and writes fit.json and plots beside the points; "
+                                    "`smelt scaling check RECIPE --budget C` trains one larger run and compares its "
+                                    "loss with the prediction (scaling/checks.json).")
+    scs = sc.add_subparsers(dest="scaling_command", metavar="{sweep,fit,check}")
     sw = scs.add_parser("sweep", help="train the ladder of small runs")
     sw.add_argument("recipe", help="YAML recipe with packed tokens and a `scaling:` section")
     sw.add_argument("--dry-run", action="store_true", help="print the runs (sizes, budgets, steps, tokens) only")
@@ -233,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _common(sf, overrides=False)
     sf.set_defaults(func=cmd_scaling_fit)
+    sk = scs.add_parser("check", help="train one run at a larger budget and compare it with the fit's prediction")
+    sk.add_argument("recipe", help="the sweep's recipe (same tokens, batch, optimizer)")
+    sk.add_argument("--budget", required=True, help="compute budget C in FLOPs (e.g. 2e13)")
+    sk.add_argument("--depth", type=int, default=None,
+                    help="ladder size by layers (default: the size nearest the law's compute-optimal N)")
+    sk.add_argument("--fit", default=None, metavar="FIT.json", help="the fit (default: <run>/scaling/fit.json)")
+    sk.add_argument("--json", action="store_true", help="print the record as JSON")
+    _common(sk)
+    sk.set_defaults(func=cmd_scaling_check)
     # ---- end smelt plan / smelt scaling ----
     return ap
 
@@ -679,7 +691,25 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
     atomic_write_json(out / "fit.json", result)
     if not args.no_plots:
         plot_fit(points, result, out)
-    print(json.dumps(result, indent=2) if args.json else format_fit(result))
+    shown = {k: v for k, v in result.items() if k != "samples"}  # the bootstrap laws stay in fit.json
+    print(json.dumps(shown, indent=2) if args.json else format_fit(result))
+    return 0
+
+
+def cmd_scaling_check(args: argparse.Namespace) -> int:
+    import json
+
+    from smelt.scaling.plan import parse_count
+    from smelt.scaling.sweep import format_check, run_check
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        budget = parse_count(args.budget)
+    except ValueError as e:
+        raise RecipeError(f"--budget: {e}") from None
+    rec = run_check(recipe, prepare_run(recipe, args.recipe), budget, depth=args.depth,
+                    fit_path=Path(args.fit) if args.fit else None, source=args.recipe)
+    print(json.dumps(rec, indent=2) if args.json else format_check(rec))
     return 0
 
 

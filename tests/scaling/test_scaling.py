@@ -265,11 +265,50 @@ def test_sweep_end_to_end(tmp_path: Path, mode: str) -> None:
 
         assert "smelt scaling fit" in write_report(run).read_text()
         pts = _synthetic(noise=0.01)  # 4 tiny points are too few for 5 parameters: fit published-like ones
-        res = fit_points(pts, bootstrap=0)
+        res = fit_points(pts, bootstrap=6)  # the bootstrap laws give the check's interval
         (run / "scaling" / "fit.json").write_text(json.dumps(res))
         plot_fit(pts, res, run / "scaling")
         html = write_report(run).read_text()
         assert "Scaling laws" in html and "approach 3" in html and html.count("data:image/png") >= 3
+        _check_run(recipe, run)
+
+
+def _check_run(recipe: object, run: Path) -> None:
+    """`smelt scaling check`: one run at a budget above the sweep's, its loss beside the prediction."""
+    from smelt.scaling.sweep import format_check, plan_check, run_check
+
+    fit = json.loads((run / "scaling" / "fit.json").read_text())
+    auto = plan_check(recipe, run, 4e9, fit=fit)  # type: ignore[arg-type]
+    assert auto.name.startswith("check-C4e09-L") and auto.steps >= 4
+    rec = run_check(recipe, run, 4e9, depth=1)  # type: ignore[arg-type]
+    assert rec["run_dir"] == "check-C4e09-L1-d32" and rec["tokens"] == rec["steps"] * 256 > 60 * 256
+    assert 0 < rec["achieved"] < math.log(128) + 1
+    lo, hi = rec["interval"]  # the synthetic law is far from these tiny runs: only the record's shape is checked
+    assert lo < hi
+    assert rec["within_interval"] == (lo <= rec["achieved"] <= hi)
+    assert rec["largest_swept_budget"] == 2e9
+    assert "achieved" in format_check(rec)
+    manifest = run / "scaling" / rec["run_dir"] / "train" / "manifest.json"
+    mtime = manifest.stat().st_mtime_ns
+    again = run_check(recipe, run, 4e9, depth=1)  # type: ignore[arg-type]
+    assert again["achieved"] == rec["achieved"] and manifest.stat().st_mtime_ns == mtime  # read back, not retrained
+    assert len(json.loads((run / "scaling" / "checks.json").read_text())) == 1
+
+
+def test_predict_interval_covers_the_true_law() -> None:
+    from smelt.scaling.fit import law_loss, predict
+
+    pts = _synthetic(noise=0.005)
+    res = fit_points(pts, bootstrap=30)
+    assert len(res["samples"]) == res["bootstrap"] > 20
+    n, d = max(p.params for p in pts) * 3, max(p.tokens for p in pts) * 3  # beyond every point
+    pred = predict(res, n, d)
+    lo, hi = pred["interval"]
+    assert lo <= pred["loss"] <= hi
+    truth = law_loss(CHINCHILLA, n, d)
+    assert pred["loss"] == pytest.approx(truth, rel=0.01)  # 0.5% noise on the points; extrapolated 3x
+    assert hi - lo < 0.02 * truth and lo - 0.01 * truth <= truth <= hi + 0.01 * truth
+    assert pred["residual_band"][0] < pred["loss"] < pred["residual_band"][1]
 
 
 # --------------------------------------------------------------------------------------------

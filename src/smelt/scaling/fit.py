@@ -229,6 +229,8 @@ def fit_points(points: list[Point], *, bootstrap: int = 100, seed: int = 0, budg
         fit = fit_law(sub, delta=delta, n_starts=4, extra_starts=[x_best]).law()
         for k in PARAMS:
             samples[k].append(fit[k])
+    # the bootstrap laws themselves: `predict` takes a prediction's interval from them
+    law_samples = [[samples[k][i] for k in ("E", "A", "B", "alpha", "beta")] for i in range(len(samples["E"]))]
     ci = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items() if v}
     if budgets is None:
         c = sorted(p.flops for p in points)
@@ -243,7 +245,30 @@ def fit_points(points: list[Point], *, bootstrap: int = 100, seed: int = 0, budg
     return {**law, "log_a": best.log_a, "log_b": best.log_b, "log_e": best.log_e, "ci": ci,
             "bootstrap": len(samples["E"]), "seed": seed, "huber_delta": delta, "objective": best.objective,
             "n_points": len(points), "rms_log_residual": float(np.sqrt(np.mean(np.square(residuals)))),
-            "approach2": fit_isoflop(points), "optimal": optimal}
+            "approach2": fit_isoflop(points), "optimal": optimal, "samples": law_samples}
+
+
+def law_loss(law: dict[str, float], n: float, d: float) -> float:
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+    return law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
+
+
+def predict(result: dict[str, Any], n: float, d: float, *, level: float = 95.0) -> dict[str, Any]:
+    """The fitted law's loss at (N, D), with a `level`% interval over the bootstrap laws (the
+    fit's own uncertainty; a run's noise comes on top, see ``rms_log_residual``)."""
+    law = {k: float(result[k]) for k in ("E", "A", "B", "alpha", "beta")}
+    out: dict[str, Any] = {"params": n, "tokens": d, "flops": 6.0 * n * d, "loss": law_loss(law, n, d)}
+    samples = result.get("samples") or []
+    if samples:
+        preds = np.array([law_loss(dict(zip(("E", "A", "B", "alpha", "beta"), s)), n, d) for s in samples])
+        preds = preds[np.isfinite(preds)]
+        half = (100.0 - level) / 2.0
+        out["interval"] = [float(np.percentile(preds, half)), float(np.percentile(preds, 100.0 - half))]
+        out["level"] = level
+    r = result.get("rms_log_residual")
+    if r is not None:  # the typical scatter of a single run around the law, from the fit's residuals
+        out["residual_band"] = [out["loss"] * math.exp(-2.0 * r), out["loss"] * math.exp(2.0 * r)]
+    return out
 
 
 def format_fit(result: dict[str, Any]) -> str:

@@ -99,30 +99,31 @@ def _vocab(recipe: Recipe, run_dir: Path) -> int:
     raise RecipeError(f"{manifest} not found (run `smelt pack` first): the vocabulary size sets the model sizes")
 
 
-def plan_sweep(recipe: Recipe, run_dir: Path) -> list[SweepRun]:
-    """Every (size, budget) of the ladder, in the order they run (size by size, shortest first)."""
+def _ladder(recipe: Recipe, run_dir: Path) -> tuple[ScalingConfig, ModelConfig, int, int]:
+    """The ladder's settings, base model, sequence length and global batch (recipe checked)."""
     cfg = recipe.scaling or ScalingConfig()
     if recipe.train is None or recipe.loader is None:
         raise RecipeError("invalid recipe:\n  scaling: needs the `loader:` and `train:` sections (batch, optimizer)")
-    vocab = _vocab(recipe, run_dir)
-    base = (recipe.model or ModelConfig()).with_vocab(vocab)
-    seq, batch = recipe.loader.seq_len, recipe.train.batch.global_batch
     if recipe.train.batch.ramp_start is not None:
         raise RecipeError("invalid recipe:\n  train.batch.ramp_start: a batch ramp makes D differ from steps x batch; "
                           "turn it off for a sweep")
+    base = (recipe.model or ModelConfig()).with_vocab(_vocab(recipe, run_dir))
+    return cfg, base, recipe.loader.seq_len, recipe.train.batch.global_batch
+
+
+def plan_sweep(recipe: Recipe, run_dir: Path) -> list[SweepRun]:
+    """Every (size, budget) of the ladder, in the order they run (size by size, shortest first)."""
+    cfg, base, seq, batch = _ladder(recipe, run_dir)
     runs: list[SweepRun] = []
     for depth in sorted(set(cfg.depths)):
-        m = size_model(base, depth, cfg)
-        if seq > m.max_seq_len:
-            m = m.model_copy(update={"max_seq_len": seq})
+        m = _size(base, depth, cfg, seq)
         n = param_count(m)
-        size = size_label(m)
         rows = []
         for c in sorted(set(cfg.budgets)):
             steps = round(c / (6.0 * n) / (batch * seq))
             if steps < cfg.min_steps:
-                log.info("scaling: %s at C=%.2e would train %d steps (< scaling.min_steps %d); left out", size, c,
-                         steps, cfg.min_steps)
+                log.info("scaling: %s at C=%.2e would train %d steps (< scaling.min_steps %d); left out", size_label(m),
+                         c, steps, cfg.min_steps)
                 continue
             rows.append((c, steps))
         if not rows:
@@ -131,21 +132,31 @@ def plan_sweep(recipe: Recipe, run_dir: Path) -> list[SweepRun]:
         prev_decay = 0
         for c, steps in rows:
             if cfg.mode == "wsd":
-                name = size
+                name = size_label(m)
                 sched = recipe.train.schedule.model_copy(update={"warmup_steps": warmup,
                                                                  "decay_fraction": cfg.decay_fraction})
                 trained = steps - prev_decay
                 prev_decay = wsd_decay_start(sched, steps)
             else:
-                name, trained = f"C{c:.0e}-{size}".replace("+", ""), steps
-            runs.append(SweepRun(size=size, n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, budget=c, steps=steps,
-                                 tokens=steps * batch * seq, params=n, params_nonembed=param_count(m, embeddings=False),
-                                 flops_per_token=flops_per_token(m, seq), name=name, warmup=warmup,
-                                 trained_tokens=trained * batch * seq))
+                name, trained = f"C{c:.0e}-{size_label(m)}".replace("+", ""), steps
+            runs.append(_sweep_run(m, c, steps, batch, seq, name, warmup, trained))
     if not runs:
         raise RecipeError("invalid recipe:\n  scaling.budgets: every (size, budget) gives fewer than scaling.min_steps "
                           "steps; raise the budgets or lower the batch")
     return runs
+
+
+def _size(base: ModelConfig, depth: int, cfg: ScalingConfig, seq: int) -> ModelConfig:
+    m = size_model(base, depth, cfg)
+    return m.model_copy(update={"max_seq_len": seq}) if seq > m.max_seq_len else m
+
+
+def _sweep_run(m: ModelConfig, budget: float, steps: int, batch: int, seq: int, name: str, warmup: int,
+               trained: int) -> SweepRun:
+    return SweepRun(size=size_label(m), n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, budget=budget,
+                    steps=steps, tokens=steps * batch * seq, params=param_count(m),
+                    params_nonembed=param_count(m, embeddings=False), flops_per_token=flops_per_token(m, seq),
+                    name=name, warmup=warmup, trained_tokens=trained * batch * seq)
 
 
 def run_recipe(recipe: Recipe, run: SweepRun, scaling_dir: Path) -> Recipe:
@@ -195,8 +206,6 @@ def _branch_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
 
 def run_sweep(recipe: Recipe, run_dir: Path, *, source: str | None = None) -> list[Point]:
     """Train every point of the ladder that is not yet in ``points.csv``; returns all points."""
-    from smelt.train.trainer import train
-
     run_dir = Path(run_dir)
     tokens = run_dir / "tokens"
     if not (tokens / "manifest.json").is_file():
@@ -213,17 +222,9 @@ def run_sweep(recipe: Recipe, run_dir: Path, *, source: str | None = None) -> li
         if any(p.run_dir == r.name and p.budget and math.isclose(p.budget, r.budget, rel_tol=1e-6) for p in points):
             log.info("scaling %d/%d: %s C=%.2e done, skipping", i + 1, len(runs), r.name, r.budget)
             continue
-        sub = run_recipe(recipe, r, scaling_dir)
-        sub_dir = write_resolved_recipe(sub, source)
-        _link_tokens(sub_dir, tokens)
         log.info("scaling %d/%d: %s N=%s C=%.2e -> %d steps, %s tokens", i + 1, len(runs), r.name, f"{r.params:,}",
                  r.budget, r.steps, f"{r.tokens:,}")
-        summary = _branch_summary(sub_dir, r.steps) if cfg.mode == "wsd" else None
-        if summary is None:
-            summary = train(sub, sub_dir, resume=None, progress=False)
-        if not summary.get("complete"):
-            raise RecipeError(f"scaling: run {sub_dir} stopped before its end ({summary.get('stopped')}); "
-                              "run the sweep again to resume it")
+        summary = _train_point(recipe, r, scaling_dir, tokens, source)
         d = float(summary["tokens"])
         points.append(Point(params=r.params, tokens=d, loss=_summary_loss(summary), budget=r.budget, size=r.size,
                             params_nonembed=r.params_nonembed, flops_actual=r.flops_per_token * d, run_dir=r.name,
@@ -235,6 +236,105 @@ def run_sweep(recipe: Recipe, run_dir: Path, *, source: str | None = None) -> li
         "points_format": 1, "scaling": recipe_to_dict(cfg),
         "runs": [asdict(r) for r in runs], "wall_s": round(time.perf_counter() - t_start, 3)})
     return points
+
+
+def _train_point(recipe: Recipe, r: SweepRun, scaling_dir: Path, tokens: Path, source: str | None) -> dict[str, Any]:
+    """Train (or resume, or find finished) one ladder run; its trainer summary."""
+    from smelt.train.trainer import train
+
+    cfg = recipe.scaling or ScalingConfig()
+    sub = run_recipe(recipe, r, scaling_dir)
+    sub_dir = write_resolved_recipe(sub, source)
+    _link_tokens(sub_dir, tokens)
+    summary = _branch_summary(sub_dir, r.steps) if cfg.mode == "wsd" else None
+    if summary is None:
+        summary = train(sub, sub_dir, resume=None, progress=False)
+    if not summary.get("complete"):
+        raise RecipeError(f"scaling: run {sub_dir} stopped before its end ({summary.get('stopped')}); "
+                          "run it again to resume it")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# the check: one run at a larger budget against the fitted law's prediction
+
+
+def plan_check(recipe: Recipe, run_dir: Path, budget: float, *, depth: int | None = None,
+               fit: dict[str, Any] | None = None) -> SweepRun:
+    """The check run at `budget`: the ladder size of `depth` layers, or (without it) the ladder size
+    nearest in log N to the fitted law's compute-optimal N for `budget`."""
+    from smelt.scaling.plan import compute_optimal
+
+    cfg, base, seq, batch = _ladder(recipe, run_dir)
+    if depth is None:
+        if fit is None:
+            raise RecipeError("scaling check: give --depth, or a fit to choose the compute-optimal size")
+        n_opt, _ = compute_optimal({k: float(fit[k]) for k in ("E", "A", "B", "alpha", "beta")}, budget)
+        depth = min(range(1, 4 * max(cfg.depths) + 1),
+                    key=lambda L: abs(math.log(param_count(_size(base, L, cfg, seq)) / n_opt)))
+    m = _size(base, depth, cfg, seq)
+    steps = round(budget / (6.0 * param_count(m)) / (batch * seq))
+    if steps < cfg.min_steps:
+        raise RecipeError(f"scaling check: {size_label(m)} at C={budget:.2e} trains {steps} steps "
+                          f"(< scaling.min_steps {cfg.min_steps})")
+    warmup = min(recipe.train.schedule.warmup_steps, max(1, int(cfg.max_warmup_fraction * steps)))  # type: ignore[union-attr]
+    return _sweep_run(m, budget, steps, batch, seq, f"check-C{budget:.0e}-{size_label(m)}".replace("+", ""),
+                      warmup, steps)
+
+
+def run_check(recipe: Recipe, run_dir: Path, budget: float, *, depth: int | None = None,
+              fit_path: Path | None = None, source: str | None = None) -> dict[str, Any]:
+    """Train the check run (resumable; a finished one is read back) and compare its loss with the
+    law's prediction and interval. Appends to ``scaling/checks.json`` and returns the record."""
+    from smelt.scaling.fit import predict
+
+    run_dir = Path(run_dir)
+    scaling_dir = run_dir / "scaling"
+    fit_path = fit_path or scaling_dir / "fit.json"
+    if not fit_path.is_file():
+        raise RecipeError(f"{fit_path} not found: fit the sweep first (smelt scaling fit {scaling_dir}/points.csv)")
+    fit = read_json(fit_path)
+    tokens = run_dir / "tokens"
+    if not (tokens / "manifest.json").is_file():
+        raise RecipeError(f"{tokens} has no manifest (run `smelt pack` first)")
+    r = plan_check(recipe, run_dir, budget, depth=depth, fit=fit)
+    swept = [p.budget for p in read_points(scaling_dir / "points.csv") if p.budget] \
+        if (scaling_dir / "points.csv").is_file() else []
+    if swept and budget <= max(swept):
+        log.warning("scaling check: C=%.2e is not above the sweep's largest budget %.2e: this checks "
+                    "interpolation, not a prediction", budget, max(swept))
+    pred = predict(fit, r.params, r.tokens)
+    log.info("scaling check: %s N=%s D=%s C=%.2e, predicted loss %.4f%s", r.name, f"{r.params:,}", f"{r.tokens:,}",
+             budget, pred["loss"], f" [{pred['interval'][0]:.4f}, {pred['interval'][1]:.4f}]" if "interval" in pred
+             else "")
+    t0 = time.perf_counter()
+    summary = _train_point(recipe, r, scaling_dir, tokens, source)
+    achieved = _summary_loss(summary)
+    lo, hi = pred.get("interval", [float("nan"), float("nan")])
+    record = {"run_dir": r.name, "size": r.size, "budget": budget, "params": r.params, "tokens": r.tokens,
+              "steps": r.steps, "predicted": pred["loss"], "interval": pred.get("interval"),
+              "residual_band": pred.get("residual_band"), "achieved": achieved,
+              "relative_error": achieved / pred["loss"] - 1.0, "within_interval": bool(lo <= achieved <= hi),
+              "fit": str(fit_path), "largest_swept_budget": max(swept) if swept else None,
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    checks_path = scaling_dir / "checks.json"
+    checks = [c for c in (read_json(checks_path) if checks_path.is_file() else [])
+              if not (c["run_dir"] == r.name and c["fit"] == record["fit"])]
+    atomic_write_json(checks_path, checks + [record])
+    return record
+
+
+def format_check(rec: dict[str, Any]) -> str:
+    iv = rec.get("interval")
+    band = rec.get("residual_band")
+    return "\n".join([
+        f"check run      {rec['run_dir']}  (N={rec['params']:,}, D={rec['tokens']:,}, C={rec['budget']:.2e}, "
+        f"{rec['steps']} steps)",
+        f"predicted      {rec['predicted']:.4f}"
+        + (f"  (95% bootstrap interval {iv[0]:.4f} - {iv[1]:.4f})" if iv else ""),
+        *([f"run-noise band {band[0]:.4f} - {band[1]:.4f}  (law x exp(+-2 rms log residual))"] if band else []),
+        f"achieved       {rec['achieved']:.4f}  ({100 * rec['relative_error']:+.2f}%, "
+        f"{'inside' if rec['within_interval'] else 'outside'} the interval)"])
 
 
 def _check_data(runs: list[SweepRun], manifest: dict[str, Any], recipe: Recipe) -> None:
