@@ -151,3 +151,18 @@ def test_hf_export_as_checkpoint(run: Path, tmp_path: Path) -> None:
     assert res["checkpoint"] == str(export) and res["step"] == 4
     ours = run_eval(recipe, copy)["perplexity"]["en"]["ppl"]
     assert res["perplexity"]["en"]["ppl"] == pytest.approx(ours, rel=1e-4)
+
+
+def test_fixed_texts_are_scored_beside_the_val_split(run: Path, tmp_path: Path) -> None:
+    """`eval.texts`: the same held-out text for runs whose curation (and val split) differs."""
+    text = tmp_path / "heldout.jsonl"
+    rows = ["The river runs past the old mill.", "", "市政府宣布了新的计划。", "A third document, in English."]
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+    recipe = load_recipe(run, ["eval.run=[perplexity]", "eval.tensorboard=false",
+                               f"eval.texts=[{{path: '{text}', domain: fixed}}]"])
+    res = run_eval(recipe, recipe.run_dir)
+    r = res["perplexity"]["fixed"]
+    kept = [t for t in rows if t]
+    assert r["docs"] == 3 and r["bytes"] == sum(len(t.encode()) for t in kept)  # the empty one is skipped
+    assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / r["bytes"] / math.log(2))
+    assert {"en", "zh"} <= set(res["perplexity"])

@@ -513,6 +513,10 @@ class EvalConfig(Strict):
     probes: list[str] = Field(
         default_factory=lambda: ["default"], description="Probe files (YAML/JSONL); `default`: the packaged zh+en set.")
     tasks: list[Task] = Field(default_factory=list, description="Multiple-choice benchmarks.")
+    texts: list[InputSource] = Field(
+        default_factory=list, description="Fixed held-out texts scored for bits per byte beside the packed val "
+        "split, each named by its `domain` (runs whose curation differs have different val splits; the same "
+        "text makes them comparable). Read like data.inputs; at most max_docs documents and max_tokens tokens each.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Weights and activations during evaluation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")

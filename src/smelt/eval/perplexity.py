@@ -315,6 +315,32 @@ def held_out_documents(tokens_dir: str | Path, tokenizer: Any, *, max_docs: int 
     return out
 
 
+def text_documents(sources: Sequence[Any], tokenizer: Any, *, max_docs: int | None = None,
+                   max_tokens: int | None = None) -> dict[str, list[HeldOutDoc]]:
+    """`eval.texts`: the first documents of each source (an `InputSource`, read like data.inputs),
+    named by its ``domain``, tokenized with the run's tokenizer, up to ``max_docs`` documents and
+    ``max_tokens`` tokens. Bytes are counted on the text as read, so that bits per byte compares
+    runs whose tokenizers differ."""
+    from smelt.data.inputs import resolve_files
+    from smelt.data.readers import read_documents
+
+    out: dict[str, list[HeldOutDoc]] = {}
+    for src in sources:
+        docs = out.setdefault(src.domain, [])
+        n_tok = sum(len(d.tokens) for d in docs)
+        for path in resolve_files(src):
+            for doc in read_documents(path, src):
+                if (max_docs is not None and len(docs) >= max_docs) or (max_tokens is not None and n_tok >= max_tokens):
+                    break
+                if doc.meta.get("read_error") or not doc.text.strip():
+                    continue
+                ids = np.asarray(encode_text(tokenizer, doc.text), dtype=np.int64)
+                if len(ids):
+                    docs.append(HeldOutDoc(ids, doc.text))
+                    n_tok += len(ids)
+    return {k: v for k, v in out.items() if v}
+
+
 # --------------------------------------------------------------------------------------------
 # perplexity
 

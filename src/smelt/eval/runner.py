@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from smelt.config import EvalConfig, Recipe, RecipeError, recipe_to_dict
-from smelt.eval.perplexity import HeldOutDoc, document_prefix_id, held_out_documents, perplexity_by_domain
+from smelt.eval.perplexity import (
+    HeldOutDoc,
+    document_prefix_id,
+    held_out_documents,
+    perplexity_by_domain,
+    text_documents,
+)
 from smelt.eval.probes import Probe, load_probe_files, run_probes, write_history
 from smelt.eval.tasks import evaluate_task
 from smelt.fsutil import atomic_write_json, atomic_write_text, locked, move_aside, read_json
@@ -107,6 +113,9 @@ def evaluate_model(model: nn.Module, tokenizer: Any, recipe: Recipe, run_dir: Pa
         else:
             if docs is None:
                 docs = held_out_documents(tokens_dir, tokenizer, max_docs=cfg.max_docs, max_tokens=cfg.max_tokens)
+                for name, tdocs in text_documents(cfg.texts, tokenizer, max_docs=cfg.max_docs,
+                                                  max_tokens=cfg.max_tokens).items():
+                    docs[name if name not in docs else f"{name} (text)"] = tdocs
             out["perplexity"] = perplexity_by_domain(
                 model, docs, prefix_id=prefix_id, max_len=max_len, stride=cfg.stride, batch_size=cfg.batch_size,
                 pad_id=pad_id, word_ppl_max_cjk=cfg.word_ppl_max_cjk, progress=progress)

@@ -108,8 +108,6 @@ class ScoreSpec:
 
     `score` maps a batch of documents to one float each (NaN: could not score, e.g. no text left
     after tokenization; such a document is kept and counted). It is built in each worker, once.
-    `extra` may add more ``meta`` values per document (e.g. a tokenized length); it gets the
-    documents and their scores.
     """
 
     key: str                                      # dotted path into meta: "quality.fasttext"
