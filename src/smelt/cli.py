@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -180,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cm, overrides=False)
     cm.set_defaults(func=cmd_compare)
     # ---- end smelt compare ----
+
+    # ---- smelt quality ----
+    qu = sub.add_parser("quality", help="train the fastText quality classifier of the `quality` curation step",
+                        description="`smelt quality train SPEC.yaml` trains a fastText classifier from the spec's "
+                                    "positive and negative sources (files, or a run's data/clean/<domain> and "
+                                    "data/rejects) with a held-out split, into models/<name>/ (or the spec's "
+                                    "`out`): model.bin, config.json, report.json and report.md (held-out "
+                                    "precision, recall, F1, ROC-AUC, the most indicative n-grams per class). An "
+                                    "earlier model directory is moved aside (<name>.prev-N), never overwritten.")
+    qus = qu.add_subparsers(dest="quality_command", metavar="{train}")
+    qt = qus.add_parser("train", help="train a classifier from a spec file")
+    qt.add_argument("spec", help="YAML spec: name, positive, negative, heldout_fraction, fasttext (README)")
+    qt.add_argument("--out", default=None, metavar="DIR", help="model directory (default: the spec's out, or "
+                                                              "models/<name>)")
+    qt.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown")
+    _common(qt, overrides=False)
+    qt.set_defaults(func=cmd_quality_train)
+    # ---- end smelt quality ----
 
     # ---- smelt plan / smelt scaling (plan and scale) ----
     pl = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU, time and cost of a training run",
@@ -714,6 +733,27 @@ def cmd_scaling_check(args: argparse.Namespace) -> int:
 
 
 # ---- end smelt plan / smelt scaling ----
+
+
+# ---- smelt quality ----
+
+
+def cmd_quality_train(args: argparse.Namespace) -> int:
+    from smelt.quality.train import report_markdown, load_train_spec, train_classifier
+
+    _refuse_overrides(args, "the spec file is the whole configuration")
+    spec = load_train_spec(args.spec)
+    report = train_classifier(spec, Path(args.out) if args.out else None)
+    if report["moved_aside"]:
+        log.info("the earlier model directory was moved aside to %s", report["moved_aside"])
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    elif not args.quiet:
+        print(report_markdown(spec, report))
+    return 0
+
+
+# ---- end smelt quality ----
 
 
 # ---- smelt compare ----
