@@ -144,7 +144,7 @@ def _fmt(v: Any) -> str:
 
 
 def _recipe(corpus: Corpus, name: str, runs_dir: Path, *, minhash: dict[str, Any] | None = None,
-            heuristics: bool = False) -> Any:
+            heuristics: bool = False, executor: str = "local") -> Any:
     """A recipe reading the corpus (one input per domain) with only the requested steps on."""
     off = {"enabled": False}
     data: dict[str, Any] = {
@@ -153,6 +153,7 @@ def _recipe(corpus: Corpus, name: str, runs_dir: Path, *, minhash: dict[str, Any
         "output_format": "jsonl.zst",
         "normalize": off, "language": off, "blocklist": off, "pii": off, "decontam": off,
         "dedup": {"exact": off, "lines": off, "minhash": {"enabled": False, **(minhash or {})}},
+        "executor": {"kind": executor},
     }
     if minhash is not None:
         data["dedup"]["minhash"]["enabled"] = True
@@ -182,6 +183,40 @@ def smelt_pool_startup(workers: int, n_tasks: int, work: Path, repeat: int) -> f
         run_tasks(_noop_task, n_tasks, done, workers)
 
     return round(_timed(once, repeat)[0], 3)
+
+
+def ray_task_overhead(n_tasks: int, work: Path, repeat: int) -> float:
+    """Seconds the Ray executor spends on `n_tasks` empty tasks (Ray already running): its fixed
+    cost per phase (submission, scheduling, the result's trip back, the driver's markers)."""
+    from smelt.config import ExecutorConfig
+    from smelt.data.executor.ray_tasks import run_tasks_ray
+
+    done = work / "noop-ray"
+
+    def once() -> None:
+        shutil.rmtree(done, ignore_errors=True)
+        run_tasks_ray(_noop_task, n_tasks, done, ExecutorConfig(kind="ray"))
+
+    return round(_timed(once, repeat)[0], 3)
+
+
+def chain_on_ray(corpus: Corpus, workers: int, work: Path, repeat: int) -> dict[str, Any]:
+    """The end-to-end chain with ``data.executor.kind: ray`` on a local Ray of `workers` CPUs
+    (started once here: its start-up is reported apart from the stage)."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    startup = time.perf_counter() - t0
+    try:
+        recipe = _recipe(corpus, f"chain-ray-w{workers}", work / "smelt", heuristics=True, executor="ray")
+        sec, res = _timed(lambda: _run_smelt(recipe, workers), repeat)
+        overhead = ray_task_overhead(len(corpus.files), work, repeat)
+    finally:
+        ray.shutdown()
+    return _rate(corpus.n_docs, corpus.n_bytes, sec) | {
+        "kept": res["stats"]["documents"]["kept"], "phases_s": res["timings"],
+        "ray_startup_s": round(startup, 2), "task_overhead_s_per_phase": overhead}
 
 
 def _run_smelt(recipe: Any, workers: int) -> dict[str, Any]:
@@ -368,7 +403,7 @@ def chain_in_process(docs: list[tuple[str, str, str]], cfg: HeuristicsConfig) ->
 
 
 def chain_end_to_end(corpus: Corpus, cfg: HeuristicsConfig, workers: int, work: Path, repeat: int,
-                     dt_log: Path) -> dict[str, Any]:
+                     dt_log: Path, executors: tuple[str, ...] = ("local",)) -> dict[str, Any]:
     from datatrove.pipeline.writers import JsonlWriter
 
     recipe = _recipe(corpus, f"chain-w{workers}", work / "smelt", heuristics=True)
@@ -384,7 +419,8 @@ def chain_end_to_end(corpus: Corpus, cfg: HeuristicsConfig, workers: int, work: 
     with _stderr_to(dt_log):
         d_sec, d_stats = _timed(dt, repeat)
     n, b = corpus.n_docs, corpus.n_bytes
-    return {
+    extra = {"smelt_ray": chain_on_ray(corpus, workers, work, repeat)} if "ray" in executors else {}
+    return extra | {
         "workers": workers, "tasks": len(corpus.files),
         "smelt": _rate(n, b, s_sec) | {"kept": s_res["stats"]["documents"]["kept"],
                                         "phases_s": s_res["timings"],
@@ -645,6 +681,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--data-dir", type=Path, default=_default_data_dir(), help="../shared/data")
     ap.add_argument("--workdir", type=Path, help="keep corpus and outputs here (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, help="also write the JSON figures to this file")
+    ap.add_argument("--executor", default="local", help="smelt executors for the end-to-end chain: local, ray or "
+                                                        "local,ray (ray: pip install 'smelt[ray]')")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.data_dir.is_dir():
@@ -672,7 +710,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       for d, v in corpus.by_domain.items()]), flush=True)
 
         if args.only in (None, "chain"):
-            result["chain"] = _bench_chain(corpus, docs, workers, work, args.repeat, dt_log)
+            result["chain"] = _bench_chain(corpus, docs, workers, work, args.repeat, dt_log,
+                                           tuple(x.strip() for x in args.executor.split(",")))
         if args.only in (None, "minhash"):
             result["minhash"] = _bench_minhash(corpus, docs, mh_cfg, workers, work, args.repeat, dt_log)
         result["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -688,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _bench_chain(corpus: Corpus, docs: list[tuple[str, str, str]], workers: list[int], work: Path,
-                 repeat: int, dt_log: Path) -> dict[str, Any]:
+                 repeat: int, dt_log: Path, executors: tuple[str, ...] = ("local",)) -> dict[str, Any]:
     # datatrove counts punctuation tokens in Gopher's alphabetic-word share; match it for parity
     cfg = HeuristicsConfig(gopher_quality={"alpha_share_of": "tokens"})
     res: dict[str, Any] = {}
@@ -708,7 +747,7 @@ def _bench_chain(corpus: Corpus, docs: list[tuple[str, str, str]], workers: list
                    c.get("datatrove_keep_only", 0), c["rate"]] for d, c in ip["agreement"].items()]), flush=True)
     res["end_to_end"] = []
     for w in workers:
-        e = chain_end_to_end(corpus, cfg, w, work, repeat, dt_log)
+        e = chain_end_to_end(corpus, cfg, w, work, repeat, dt_log, executors)
         res["end_to_end"].append(e)
     print(_table("(1b) heuristic chain, end to end (read -> filters -> write)",
                  ["workers", "system", "seconds", "docs/s", "MB/s", "kept", "ratio"],
@@ -716,11 +755,21 @@ def _bench_chain(corpus: Corpus, docs: list[tuple[str, str, str]], workers: list
                      [e["workers"], "smelt", e["smelt"]["seconds"], e["smelt"]["docs_per_s"], e["smelt"]["mb_per_s"],
                       e["smelt"]["kept"], e["ratio"]],
                      [e["workers"], "datatrove", e["datatrove"]["seconds"], e["datatrove"]["docs_per_s"],
-                      e["datatrove"]["mb_per_s"], e["datatrove"]["kept"], ""])]), flush=True)
+                      e["datatrove"]["mb_per_s"], e["datatrove"]["kept"], ""])]
+                 + [[e["workers"], "smelt on ray", e["smelt_ray"]["seconds"], e["smelt_ray"]["docs_per_s"],
+                     e["smelt_ray"]["mb_per_s"], e["smelt_ray"]["kept"],
+                     round(e["datatrove"]["seconds"] / e["smelt_ray"]["seconds"], 2)]
+                    for e in res["end_to_end"] if "smelt_ray" in e]), flush=True)
     for e in res["end_to_end"]:
         print(f"     w={e['workers']} smelt phases (s): {e['smelt']['phases_s']}, executor cost of "
               f"{e['tasks']} empty tasks (per phase): {e['smelt']['pool_startup_s_per_phase']} s; "
               f"datatrove step CPU (s, all tasks): {e['datatrove']['step_cpu_s']}")
+        if "smelt_ray" in e:
+            r = e["smelt_ray"]
+            print(f"     w={e['workers']} smelt on ray: phases (s): {r['phases_s']}, "
+                  f"Ray start-up {r['ray_startup_s']} s "
+                  f"(not in the stage's time), Ray's cost of {e['tasks']} empty tasks (per phase): "
+                  f"{r['task_overhead_s_per_phase']} s")
     return res
 
 

@@ -739,7 +739,7 @@ def cmd_scaling_check(args: argparse.Namespace) -> int:
 
 
 def cmd_quality_train(args: argparse.Namespace) -> int:
-    from smelt.quality.train import report_markdown, load_train_spec, train_classifier
+    from smelt.quality.train import load_train_spec, report_markdown, train_classifier
 
     _refuse_overrides(args, "the spec file is the whole configuration")
     spec = load_train_spec(args.spec)

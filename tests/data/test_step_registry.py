@@ -116,11 +116,11 @@ def test_registry_refuses_unimportable_factories_and_taken_names(toy_step) -> No
 
 
 def test_stage_key_without_registered_steps_is_unchanged(tmp_path: Path) -> None:
-    """Adding `data.steps` must not re-run the curation of existing runs."""
+    """Adding `data.steps` (or `data.executor`) must not re-run the curation of existing runs."""
     r = recipe(tmp_path, write_inputs(tmp_path), [])
     plan = plan_tasks(r.data)
     conf = recipe_to_dict(r.data)
-    del conf["steps"]
+    del conf["steps"], conf["executor"]
     files = [[f, Path(f).stat().st_size, int(Path(f).stat().st_mtime)] for _, f in plan.files]
     assert stage_key(r.data, plan) == config_hash({"config": conf, "version": FORMAT_VERSION, "files": files})
 

@@ -236,6 +236,24 @@ class DedupConfig(Strict):
     lines: LineDedupConfig = Field(default_factory=LineDedupConfig)
 
 
+class ExecutorConfig(Strict):
+    """`data.executor`: where the curation stage's per-task phases run. The output does not depend
+    on it (and it is not part of the stage's key): the same tasks, the same completion markers."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: this machine's process pool (`workers`); ray: one Ray task per curation task "
+        "(`pip install 'smelt[ray]'`).")
+    address: str | None = Field(
+        None, description="ray: null starts a Ray instance on this machine; `auto` joins the cluster this machine "
+        "belongs to (`ray start`); `ray://host:10001` connects a Ray client. An initialized Ray is used as it is.")
+    cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs reserved per task (`num_cpus`).")
+    memory_gb_per_task: float | None = Field(None, gt=0, description="ray: memory reserved per task (scheduling only).")
+    max_retries: int = Field(3, ge=0, description="ray: times a task is retried after it raises or its worker dies.")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="ray: Ray's runtime_env for the job (env_vars, py_modules, pip, ...), when this process "
+        "starts or joins Ray.")
+
+
 class DataConfig(Strict):
     """`data:` the curation stage (`smelt data`)."""
 
@@ -243,6 +261,7 @@ class DataConfig(Strict):
     output_format: Literal["jsonl.zst", "parquet"] = Field("jsonl.zst", description="Format of kept/rejects/duplicates shards.")
     workers: int = Field(0, ge=0, description="Worker processes; 0 = number of CPU cores.")
     files_per_task: int = Field(1, ge=1, description="Input files grouped into one task (many small .txt files).")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     max_doc_chars: int = Field(1_000_000, ge=1, description="Longer documents are rejected at read time (`too_long`).")
     min_doc_chars: int = Field(1, ge=1, description="Shorter documents (after stripping) are rejected as `empty`.")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
@@ -298,6 +317,8 @@ class PackConfig(Strict):
     engine: Literal["auto", "hf", "tiktoken"] = Field(
         "auto", description="Encoder: auto uses tiktoken for byte-level BPE when it reproduces HF ids exactly, else HF.")
     workers: int = Field(0, ge=0, description="Parallel tasks (threads or processes); 0 = number of CPU cores.")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="kind: ray runs the tokenize and "
+                                     "assemble tasks as Ray tasks (same output; not part of the stage's key).")
     add_bos: bool = Field(False, description="Prepend BOS to every document (EOS always ends one).")
     slice_mb: float | None = Field(
         None, gt=0, description="Input files larger than this (MB on disk) are cut into several tasks; "

@@ -74,6 +74,10 @@ def plan_tasks(cfg: DataConfig) -> Plan:
     from smelt.data.steps.registry import check_steps
 
     check_steps(cfg)
+    if cfg.executor.kind == "ray":
+        from smelt.data.executor.ray_tasks import check_ray
+
+        check_ray()
     files: list[tuple[int, str]] = []
     for si, src in enumerate(cfg.inputs):
         for f in resolve_files(src):
@@ -100,6 +104,7 @@ def stage_key(cfg: DataConfig, plan: Plan) -> str:
     conf = recipe_to_dict(cfg)
     key: dict[str, Any] = {"config": conf, "version": FORMAT_VERSION,
                            "files": [_file_fingerprint(f) for _, f in plan.files]}
+    del conf["executor"]  # where tasks run does not change what they write
     if not conf["steps"]:
         del conf["steps"]  # the key of a recipe without registered steps is as it always was
     else:
@@ -793,12 +798,23 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     prepare_steps(cfg, work)  # e.g. the decontamination index, built once for all tasks
     n_tasks = len(plan.tasks)
 
-    pool = make_pool(min(n_workers, n_tasks))
+    on_ray = cfg.executor.kind == "ray"
+    if on_ray:
+        from smelt.data.executor.ray_tasks import ensure_ray, run_tasks_ray
+
+        started_ray = ensure_ray(cfg.executor, cpus=n_workers)
+        pool = None
+    else:
+        pool = make_pool(min(n_workers, n_tasks))
 
     def phase(name: str, fn: Callable[[int], dict[str, Any]], done: str) -> list[dict[str, Any]]:
         ts = time.time()
         progress.start(name, n_tasks)
-        res = run_tasks(fn, n_tasks, work / done, n_workers, on_done=lambda i: progress.advance(name), pool=pool)
+        tick = lambda i: progress.advance(name)  # noqa: E731
+        if on_ray:
+            res = run_tasks_ray(fn, n_tasks, work / done, cfg.executor, on_done=tick)
+        else:
+            res = run_tasks(fn, n_tasks, work / done, n_workers, on_done=tick, pool=pool)
         timings[name] = round(time.time() - ts, 3)
         return res
 
@@ -807,12 +823,20 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if on_ray and started_ray:
+            import ray
+
+            ray.shutdown()
+    # A worker that died mid-task (killed, out of memory; Ray retried its task) left its temp files:
+    # every task has finished now, so whatever temp file remains belongs to no one.
+    _remove_stale_temp_files(data_dir)
     check_accounting(stats, data_dir, cfg.output_format)
     atomic_write_json(data_dir / "stats.json", stats)
     timings["total"] = round(time.time() - t0, 3)
     atomic_write_json(manifest_path, {
         "stage": "data", "complete": True, "key": key, "format_version": FORMAT_VERSION,
         "inputs": [f for _, f in plan.files], "tasks": n_tasks, "workers": n_workers,
+        "executor": cfg.executor.kind,
         "output_format": cfg.output_format, "documents": stats["documents"],
         "domains": sorted(stats["by_domain"]), "timings_s": timings})
     shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing

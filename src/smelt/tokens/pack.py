@@ -113,7 +113,7 @@ from smelt.fsutil import atomic_open, atomic_write_json, locked, move_aside, rea
 from smelt.tokens.shards import HEADER_BYTES, dtype_for_vocab, open_shard, write_shard
 
 if TYPE_CHECKING:  # workers never import the recipe schema (pydantic: ~0.1 s per process start)
-    from smelt.config import PackConfig
+    from smelt.config import ExecutorConfig, PackConfig
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def stage_key(cfg: PackConfig, tokenizer_sha256: str, shard_files: dict[str, lis
     from smelt.config import recipe_to_dict
 
     conf = recipe_to_dict(cfg)
-    for name in ("workers", "parallelism", "threads_below_mb"):
+    for name in ("workers", "parallelism", "threads_below_mb", "executor"):
         conf.pop(name, None)
     blob = json.dumps({"config": conf, "seed": seed, "tokenizer_sha256": tokenizer_sha256,
                        "inputs": _fingerprints(shard_files), "slice_bytes": slice_bytes,
@@ -924,17 +924,18 @@ def _run_slot(slot: int, *, fn: Callable[[int], dict[str, Any]], order: tuple[in
 
 def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_dir: Path, workers: int,
                  ok: Callable[[int, dict[str, Any]], bool], progress: ProgressFn | None,
-                 pool: Executor | None = None, order: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                 pool: Executor | None = None, order: Sequence[int] | None = None,
+                 ray_cfg: ExecutorConfig | None = None) -> list[dict[str, Any]]:
     """run_tasks, then redo (once) any task whose marker exists but whose outputs do not.
 
     `order`: start task ``order[k]`` k-th (its completion marker is slot k's); results come
-    back indexed by task."""
+    back indexed by task. `ray_cfg`: run the tasks on Ray (`run_tasks_ray`) instead."""
     if order is not None and list(order) != list(range(n)):
         if sorted(order) != list(range(n)):
             raise PackError(f"pack: {phase}: schedule is not a permutation of the {n} tasks")
         slot_of = {t: k for k, t in enumerate(order)}
         slot_results = _run_checked(phase, functools.partial(_run_slot, fn=fn, order=tuple(order)), n, done_dir,
-                                    workers, lambda k, r: ok(order[k], r), progress, pool)
+                                    workers, lambda k, r: ok(order[k], r), progress, pool, ray_cfg=ray_cfg)
         return [slot_results[slot_of[i]] for i in range(n)]
     for attempt in range(2):
         done = 0
@@ -945,7 +946,12 @@ def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_d
             if progress:
                 progress(phase, done, n)
 
-        results = run_tasks(fn, n, done_dir, workers, on_done=tick, pool=pool)
+        if ray_cfg is not None:
+            from smelt.data.executor.ray_tasks import run_tasks_ray
+
+            results = run_tasks_ray(fn, n, done_dir, ray_cfg, on_done=tick)
+        else:
+            results = run_tasks(fn, n, done_dir, workers, on_done=tick, pool=pool)
         bad = [i for i, r in enumerate(results) if not ok(i, r)]
         if not bad:
             return results
@@ -1007,7 +1013,13 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     work = out_dir / WORK
     plan_file = work / "plan.json"
     n_workers = default_workers(workers if workers is not None else cfg.workers)
-    mode = parallel_mode(cfg, n_workers, input_bytes)
+    on_ray = cfg.executor.kind == "ray"
+    if on_ray:
+        from smelt.data.executor.ray_tasks import check_ray
+
+        check_ray()  # before anything is written
+    # ray: every task is a Ray task, file-backed with completion markers as with a process pool
+    mode = "ray" if on_ray else parallel_mode(cfg, n_workers, input_bytes)
     # Tasks that run in this process (inline, threads) on a small input (`IN_MEMORY_MAX_BYTES`) keep
     # their chunks in memory and assembly reads them from there: no chunk files, no .meta.npz,
     # no completion markers, no plan on disk. Resuming a stage that takes about a second (10 MB
@@ -1052,7 +1064,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
                 "threads": threads, "tasks": [asdict(t) for t in tasks], "schedule": schedule(tasks)}
     if not in_memory:
         work.mkdir(parents=True, exist_ok=True)
-        if fast is not None and mode == "processes" and not (resumable and (work / "fast_bpe.npz").is_file()):
+        if fast is not None and mode in ("processes", "ray") and not (resumable and (work / "fast_bpe.npz").is_file()):
             from smelt.tokens.fast_bpe import save_spec  # what the worker processes build their encoder from
 
             save_spec(fast.spec, work / "fast_bpe.npz", key)
@@ -1065,6 +1077,12 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
     _STATE[str(work)] = state
     timings: dict[str, float] = {"setup": round(time.perf_counter() - t_start, 3)}
     pool = _make_executor(mode, n_workers)
+    started_ray = False
+    if on_ray:
+        from smelt.data.executor.ray_tasks import ensure_ray
+
+        started_ray = ensure_ray(cfg.executor, cpus=n_workers)
+    ray_cfg = cfg.executor if on_ray else None
     try:
         ts = time.perf_counter()
         if in_memory:
@@ -1077,7 +1095,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
                 progress, pool,
                 # Any worker count (markers are per slot; a resume may change it). A plan written
                 # before schedules existed ran, and marked, its tasks in plan order.
-                order=plan.get("schedule"))
+                order=plan.get("schedule"), ray_cfg=ray_cfg)
             chunks = _FileChunks(work)
         timings["tokenize"] = round(time.perf_counter() - ts, 3)
         timings["tokenize_tasks_sum"] = round(sum(r["seconds"] for r in results), 3)  # busy time of the workers
@@ -1102,6 +1120,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
             # Threads cost nothing to start; a process pool pays off only for big outputs.
             total_tokens = sum(r["tokens"] for r in results)
             asm_pool = pool if mode == "threads" or total_tokens >= INLINE_ASSEMBLE_TOKENS else None
+            asm_ray = ray_cfg if total_tokens >= INLINE_ASSEMBLE_TOKENS else None
             width = dtype.itemsize
 
             def shard_ok(j: int, r: dict[str, Any]) -> bool:
@@ -1115,11 +1134,15 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
 
             _run_checked("assemble", functools.partial(_assemble_task, work=str(work), out_dir=str(out_dir), key=key),
                          len(shards), work / "assemble.done", n_workers if asm_pool else 1, shard_ok, progress,
-                         asm_pool)
+                         asm_pool, ray_cfg=asm_ray)
         timings["assemble"] = round(time.perf_counter() - ts, 3)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
         _STATE.clear()  # release the tokenizer and the encoder: the run is over
         _ASSEMBLY.clear()
 
