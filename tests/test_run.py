@@ -71,6 +71,9 @@ def test_accounting_identity_and_planted_problems_caught(demo):
         assert planted[label]["caught"] == planted[label]["planted"] > 0, (label, planted[label])
     assert planted["clean"]["caught"] == planted["clean"]["planted"]  # no clean page lost
     assert any(r.startswith("decontam/") for r in stats["rejects_by_reason"])
+    # the model-free toxicity signal (flagged words) runs on the web pages that reach it, no clean page lost
+    tox = next(s for s in stats["steps"] if s["name"] == "toxicity")["total"]
+    assert tox["seen"] > 0 and tox["seen"] < d["input"]
 
 
 def test_loss_fell(demo):
