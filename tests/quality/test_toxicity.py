@@ -245,3 +245,41 @@ def test_missing_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     r = _recipe(tmp_path, {})
     with pytest.raises(RecipeError, match=r"smelt\[toxicity\].*classifier: null"):
         check_steps(r.data)
+
+
+def test_interrupted_stage_resumes_to_identical_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while scoring its second input file, the stage resumes to the bytes of a straight run."""
+    from smelt.quality.scored import ScoredFilter
+
+    def two_files(root: Path):
+        root.mkdir()
+        r = _recipe(root, WORDS_ONLY)
+        src = root / "in" / "part-0.jsonl"
+        lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+        src.write_text("".join(lines[:4]), encoding="utf-8")
+        (root / "in" / "part-1.jsonl").write_text("".join(lines[4:]), encoding="utf-8")
+        return r
+
+    r = two_files(tmp_path / "a")
+    real = ScoredFilter.process_batch
+
+    def dies_on_second_file(self, docs):
+        if any(d.id in ("zh-toxic", "fr") for d in docs):
+            raise KeyboardInterrupt("killed")
+        return real(self, docs)
+
+    monkeypatch.setattr(ScoredFilter, "process_batch", dies_on_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        run_data_stage(r.data, r.run_dir)
+    assert [p.name for p in (r.run_dir / "data" / "_work" / "filter.done").iterdir()] == ["00000.json"]
+    monkeypatch.setattr(ScoredFilter, "process_batch", real)
+    resumed = run_data_stage(r.data, r.run_dir)
+    s = two_files(tmp_path / "b")
+    assert resumed == run_data_stage(s.data, s.run_dir)
+
+    def digest(d: Path) -> dict[str, str]:
+        return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(d.rglob("*")) if f.is_file() and f.name != "manifest.json"}
+
+    a, b = digest(r.run_dir / "data"), digest(s.run_dir / "data")
+    assert a == b and any(k.startswith("rejects") for k in a)
