@@ -280,6 +280,7 @@ def _check_run(recipe: object, run: Path) -> None:
     fit = json.loads((run / "scaling" / "fit.json").read_text())
     auto = plan_check(recipe, run, 4e9, fit=fit)  # type: ignore[arg-type]
     assert auto.name.startswith("check-C4e09-L") and auto.steps >= 4
+    assert plan_check(recipe, run, 4.5e9, depth=1).name == "check-C4.5e09-L1-d32"  # type: ignore[arg-type]
     rec = run_check(recipe, run, 4e9, depth=1)  # type: ignore[arg-type]
     assert rec["run_dir"] == "check-C4e09-L1-d32" and rec["tokens"] == rec["steps"] * 256 > 60 * 256
     assert 0 < rec["achieved"] < math.log(128) + 1

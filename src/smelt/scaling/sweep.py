@@ -278,7 +278,8 @@ def plan_check(recipe: Recipe, run_dir: Path, budget: float, *, depth: int | Non
         raise RecipeError(f"scaling check: {size_label(m)} at C={budget:.2e} trains {steps} steps "
                           f"(< scaling.min_steps {cfg.min_steps})")
     warmup = min(recipe.train.schedule.warmup_steps, max(1, int(cfg.max_warmup_fraction * steps)))  # type: ignore[union-attr]
-    return _sweep_run(m, budget, steps, batch, seq, f"check-C{budget:.0e}-{size_label(m)}".replace("+", ""),
+    # three significant digits: 1.5e13 and 2e13 must not share a run directory
+    return _sweep_run(m, budget, steps, batch, seq, f"check-C{budget:.3g}-{size_label(m)}".replace("+", ""),
                       warmup, steps)
 
 
