@@ -684,7 +684,14 @@ def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_sweep(plan_sweep(recipe, recipe.run_dir)))
         return 0
-    points = run_sweep(recipe, prepare_run(recipe, args.recipe), source=args.recipe)
+    from smelt.tokens.loader import DataExhausted
+    from smelt.train.stability import TrainingDiverged
+
+    try:
+        points = run_sweep(recipe, prepare_run(recipe, args.recipe), source=args.recipe)
+    except (DataExhausted, TrainingDiverged) as e:
+        print(f"smelt: training stopped: {e}", file=sys.stderr)
+        return 1
     log.info("scaling: %d points in %s (fit them: smelt scaling fit %s)", len(points),
              recipe.run_dir / "scaling" / "points.csv", recipe.run_dir / "scaling" / "points.csv")
     return 0
@@ -726,8 +733,15 @@ def cmd_scaling_check(args: argparse.Namespace) -> int:
         budget = parse_count(args.budget)
     except ValueError as e:
         raise RecipeError(f"--budget: {e}") from None
-    rec = run_check(recipe, prepare_run(recipe, args.recipe), budget, depth=args.depth,
-                    fit_path=Path(args.fit) if args.fit else None, source=args.recipe)
+    from smelt.tokens.loader import DataExhausted
+    from smelt.train.stability import TrainingDiverged
+
+    try:
+        rec = run_check(recipe, prepare_run(recipe, args.recipe), budget, depth=args.depth,
+                        fit_path=Path(args.fit) if args.fit else None, source=args.recipe)
+    except (DataExhausted, TrainingDiverged) as e:
+        print(f"smelt: training stopped: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(rec, indent=2) if args.json else format_check(rec))
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smelt.config import parse_recipe
+from smelt.config import RecipeError, parse_recipe
 from smelt.model.config import ModelConfig, preset
 from smelt.model.flops import ModelMemory, activation_memory, model_memory, param_count
 from smelt.scaling.fit import fit_isoflop, fit_points, format_fit, plot_fit
@@ -281,6 +281,8 @@ def _check_run(recipe: object, run: Path) -> None:
     auto = plan_check(recipe, run, 4e9, fit=fit)  # type: ignore[arg-type]
     assert auto.name.startswith("check-C4e09-L") and auto.steps >= 4
     assert plan_check(recipe, run, 4.5e9, depth=1).name == "check-C4.5e09-L1-d32"  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match="epochs of the data"):  # more tokens than the data holds: before training
+        plan_check(recipe, run, 1e12, depth=1)  # type: ignore[arg-type]
     rec = run_check(recipe, run, 4e9, depth=1)  # type: ignore[arg-type]
     assert rec["run_dir"] == "check-C4e09-L1-d32" and rec["tokens"] == rec["steps"] * 256 > 60 * 256
     assert 0 < rec["achieved"] < math.log(128) + 1

@@ -143,7 +143,36 @@ def plan_sweep(recipe: Recipe, run_dir: Path) -> list[SweepRun]:
     if not runs:
         raise RecipeError("invalid recipe:\n  scaling.budgets: every (size, budget) gives fewer than scaling.min_steps "
                           "steps; raise the budgets or lower the batch")
+    _check_samples(recipe, run_dir, runs,
+                   "scaling.budgets: lower the largest budget, add data or raise loader.max_epochs")
     return runs
+
+
+def available_samples(recipe: Recipe, run_dir: Path) -> int | None:
+    """Training samples the packed tokens hold under ``loader.max_epochs`` (what the trainer's
+    loader will serve before `DataExhausted`); None before `smelt pack`."""
+    from smelt.train.build import build_loader
+
+    tokens = Path(run_dir) / "tokens"
+    if recipe.loader is None or not (tokens / "manifest.json").is_file():
+        return None
+    return int(build_loader(tokens, recipe.loader, recipe.seed).total_samples)
+
+
+def _check_samples(recipe: Recipe, run_dir: Path, runs: list[SweepRun], fix: str) -> None:
+    """A RecipeError before any training when a run needs more samples than the data holds: the
+    loader would stop it part-way, with a point that is not the planned one."""
+    have = available_samples(recipe, run_dir)
+    if have is None:
+        return
+    seq = recipe.loader.seq_len  # type: ignore[union-attr]
+    short = [r for r in runs if r.tokens // seq > have]
+    if short:
+        cap = recipe.loader.max_epochs  # type: ignore[union-attr]
+        lines = [f"  {r.name} at C={r.budget:.3g}: {r.tokens // seq:,} samples, {r.tokens // seq / have * cap:.1f} "
+                 f"epochs of the data" for r in short]
+        raise RecipeError(f"the packed data holds {have:,} training samples of {seq} tokens under "
+                          f"loader.max_epochs={cap}, fewer than these runs need:\n" + "\n".join(lines) + f"\n{fix}")
 
 
 def _size(base: ModelConfig, depth: int, cfg: ScalingConfig, seq: int) -> ModelConfig:
@@ -214,7 +243,7 @@ def run_sweep(recipe: Recipe, run_dir: Path, *, source: str | None = None) -> li
     runs = plan_sweep(recipe, run_dir)
     scaling_dir = run_dir / "scaling"
     scaling_dir.mkdir(parents=True, exist_ok=True)
-    _check_data(runs, read_json(tokens / "manifest.json"), recipe)
+    _warn_repetition(runs, read_json(tokens / "manifest.json"), recipe)
     points_path = scaling_dir / "points.csv"
     points = read_points(points_path) if points_path.is_file() else []
     t_start = time.perf_counter()
@@ -279,8 +308,11 @@ def plan_check(recipe: Recipe, run_dir: Path, budget: float, *, depth: int | Non
                           f"(< scaling.min_steps {cfg.min_steps})")
     warmup = min(recipe.train.schedule.warmup_steps, max(1, int(cfg.max_warmup_fraction * steps)))  # type: ignore[union-attr]
     # three significant digits: 1.5e13 and 2e13 must not share a run directory
-    return _sweep_run(m, budget, steps, batch, seq, f"check-C{budget:.3g}-{size_label(m)}".replace("+", ""),
-                      warmup, steps)
+    run = _sweep_run(m, budget, steps, batch, seq, f"check-C{budget:.3g}-{size_label(m)}".replace("+", ""),
+                     warmup, steps)
+    _check_samples(recipe, run_dir, [run],
+                   "give a larger --depth (fewer tokens), a smaller --budget, add data or raise loader.max_epochs")
+    return run
 
 
 def run_check(recipe: Recipe, run_dir: Path, budget: float, *, depth: int | None = None,
@@ -338,7 +370,7 @@ def format_check(rec: dict[str, Any]) -> str:
         f"{'inside' if rec['within_interval'] else 'outside'} the interval)"])
 
 
-def _check_data(runs: list[SweepRun], manifest: dict[str, Any], recipe: Recipe) -> None:
+def _warn_repetition(runs: list[SweepRun], manifest: dict[str, Any], recipe: Recipe) -> None:
     have = sum(int(d["train"]["tokens"]) for d in manifest.get("domains", {}).values())
     need = max(r.tokens for r in runs)
     if have and need > have:
