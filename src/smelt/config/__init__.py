@@ -252,6 +252,10 @@ class ExecutorConfig(Strict):
     runtime_env: dict[str, Any] | None = Field(
         None, description="ray: Ray's runtime_env for the job (env_vars, py_modules, pip, ...), when this process "
         "starts or joins Ray.")
+    sharded_dedup: bool | None = Field(
+        None, description="Run the dedup phase as tasks (exact dedup by hash partition, one task per LSH band, "
+        "Jaccard verification by pair shard) so that no process holds every signature; null: on with Ray. Same "
+        "decisions either way.")
 
 
 class DataConfig(Strict):

@@ -447,21 +447,156 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 EXACT, NEAR = 0, 1
 
 
-def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str, Any]:
-    """Exact then near dedup over all tasks' survivors; writes ``_work/dedup.npz``."""
+def sharded_dedup(cfg: DataConfig) -> bool:
+    """Whether the dedup phase runs as tasks (`sharded_exact_task`, `band_task`, `verify_task`)
+    rather than in the driver: ``data.executor.sharded_dedup``, by default on with Ray."""
+    flag = cfg.executor.sharded_dedup
+    return cfg.executor.kind == "ray" if flag is None else flag
+
+
+# How many tasks the sharded exact dedup and Jaccard verification use: enough to spread over a
+# cluster, few enough that each reads every filter task's keys only a handful of times.
+DEDUP_PARTITIONS = 16
+
+
+def _members(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Only the named arrays of an .npz (np.savez stores members uncompressed; the others are not read)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in names}
+
+
+def sharded_exact_task(p: int, *, data_dir: str, n_tasks: int, n_parts: int) -> dict[str, Any]:
+    """Exact dedup of hash partition `p`: every exact key with ``key % n_parts == p``, from every
+    filter task; writes the duplicates (order, first order) to ``_work/dedup/exact-NNNNN.npz``."""
+    from smelt.data.dedup.exact import first_occurrence
+
+    work = Path(data_dir) / WORK
+    keys, orders = [], []
+    for t in range(n_tasks):
+        z = _members(work / "filter" / f"{t:05d}.npz", ("orders", "exact", "exact_mask"))
+        sel = z["exact_mask"] & (z["exact"] % np.uint64(n_parts) == np.uint64(p))
+        keys.append(z["exact"][sel])
+        orders.append(z["orders"][sel])
+    k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    o = np.concatenate(orders) if orders else np.zeros(0, np.int64)
+    first = first_occurrence(k, o)
+    dup = first != o
+    _save_npz(work / "dedup" / f"exact-{p:05d}.npz", orders=o[dup], first=first[dup])
+    return {"partition": p, "keys": int(k.size), "duplicates": int(dup.sum())}
+
+
+def band_task(b: int, *, data_dir: str, n_tasks: int, bands: int, rows: int) -> dict[str, Any]:
+    """Candidate pairs of LSH band `b`: that band's rows of every filter task's signatures (of the
+    documents MinHash applies to that are not exact duplicates) -> band keys -> buckets -> pairs,
+    written to ``_work/dedup/band-NNNNN.npy``. Only one band's keys are in memory at a time."""
+    from smelt.data.dedup.minhash import band_keys, bucket_pairs
+
+    work = Path(data_dir) / WORK
+    exact_dups = np.load(work / "dedup" / "exact.npy")
+    keys, orders = [], []
+    for t in range(n_tasks):
+        z = _members(work / "filter" / f"{t:05d}.npz", ("orders", "minhash_mask", "sigs"))
+        alive = z["minhash_mask"] & ~np.isin(z["orders"], exact_dups)
+        keys.append(band_keys(z["sigs"][alive], bands, rows, band=b))
+        orders.append(z["orders"][alive])
+    k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    o = np.concatenate(orders) if orders else np.zeros(0, np.int64)
+    pairs = bucket_pairs(k, o)
+    from smelt.fsutil import atomic_open
+
+    with atomic_open(work / "dedup" / f"band-{b:05d}.npy", "wb") as f:
+        np.save(f, pairs)
+    return {"band": b, "documents": int(o.size), "pairs": int(len(pairs))}
+
+
+def verify_task(v: int, *, data_dir: str, n_tasks: int, n_parts: int, cfg_json: str) -> dict[str, Any]:
+    """True-Jaccard check of the candidate pairs of shard `v` (``pairs[v::n_parts]``); writes the
+    pairs that pass to ``_work/dedup/verified-NNNNN.npy``."""
+    from smelt.data.dedup.minhash import MinHasher, jaccard
+
+    cfg = DataConfig.model_validate_json(cfg_json)
+    work = Path(data_dir) / WORK
+    pairs = np.load(work / "dedup" / "pairs.npy")[v::n_parts]
+    texts = _load_texts(work, n_tasks, set(pairs.ravel().tolist()))
+    hasher = MinHasher(cfg.dedup.minhash)
+    sh = {o: hasher.shingles(t) for o, t in texts.items()}
+    ok = np.array([jaccard(sh[a], sh[b]) >= cfg.dedup.minhash.verify_jaccard for a, b in pairs.tolist()], dtype=bool)
+    from smelt.fsutil import atomic_open
+
+    with atomic_open(work / "dedup" / f"verified-{v:05d}.npy", "wb") as f:
+        np.save(f, pairs[ok] if len(pairs) else pairs.reshape(0, 2))
+    return {"shard": v, "pairs": int(len(pairs)), "verified": int(ok.sum())}
+
+
+def _sharded_dedup(cfg: DataConfig, data_dir: Path, n_tasks: int, phase: Callable[..., list[dict[str, Any]]],
+                   exact_on: bool) -> tuple[dict[int, int], dict[int, int]]:
+    """The dedup phase as tasks: hash-partitioned exact dedup, one task per LSH band, Jaccard
+    verification by pair shard; only duplicates and candidate pairs (far fewer than documents)
+    come back to the driver. Returns ({dup order: first order} exact, {dup order: root} near),
+    the same decisions as the single-process path."""
+    from smelt.data.dedup.minhash import clusters
+
+    work = data_dir / WORK
+    (work / "dedup").mkdir(parents=True, exist_ok=True)
+    exact: dict[int, int] = {}
+    if exact_on:
+        phase("exact", functools.partial(sharded_exact_task, data_dir=str(data_dir), n_tasks=n_tasks,
+                                         n_parts=DEDUP_PARTITIONS), "exact.done", DEDUP_PARTITIONS)
+        for p in range(DEDUP_PARTITIONS):
+            z = _load_npz(work / "dedup" / f"exact-{p:05d}.npz")
+            exact.update(zip(z["orders"].tolist(), z["first"].tolist()))
+    near: dict[int, int] = {}
+    mh = cfg.dedup.minhash
+    if not mh.enabled:
+        return exact, near
+    from smelt.fsutil import atomic_open
+
+    with atomic_open(work / "dedup" / "exact.npy", "wb") as f:
+        np.save(f, np.array(sorted(exact), dtype=np.int64))
+    phase("lsh", functools.partial(band_task, data_dir=str(data_dir), n_tasks=n_tasks, bands=mh.bands,
+                                   rows=mh.rows), "lsh.done", mh.bands)
+    bands = [np.load(work / "dedup" / f"band-{b:05d}.npy") for b in range(mh.bands)]
+    pairs = np.unique(np.concatenate(bands), axis=0) if bands else np.zeros((0, 2), np.int64)
+    if mh.verify_jaccard is not None and len(pairs):
+        with atomic_open(work / "dedup" / "pairs.npy", "wb") as f:
+            np.save(f, pairs)
+        phase("verify", functools.partial(verify_task, data_dir=str(data_dir), n_tasks=n_tasks,
+                                          n_parts=DEDUP_PARTITIONS, cfg_json=cfg.model_dump_json()),
+              "verify.done", DEDUP_PARTITIONS)
+        # The components of the verified pairs: `clusters` with a verify callback skips pairs already
+        # joined, which changes what is checked, not what is connected (verify is a pure function).
+        pairs = np.concatenate([np.load(work / "dedup" / f"verified-{v:05d}.npy")
+                                for v in range(DEDUP_PARTITIONS)]).reshape(-1, 2)
+    near = clusters(pairs)
+    return exact, near
+
+
+def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
+                phase: Callable[..., list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Exact then near dedup over all tasks' survivors; writes ``_work/dedup.npz``. With `phase`
+    (`sharded_dedup`), the work runs as tasks and the driver holds no signature."""
     from smelt.data.dedup.exact import first_occurrence
     from smelt.data.dedup.minhash import MinHasher, band_keys, bucket_pairs, clusters, jaccard
 
     work = data_dir / WORK
-    parts = [_load_npz(work / "filter" / f"{t:05d}.npz") for t in range(n_tasks)]
+    names = ("orders", "ids", "domains", "exact_mask", "minhash_mask") if phase else None
+    parts = [_members(work / "filter" / f"{t:05d}.npz", names) if names else _load_npz(work / "filter" / f"{t:05d}.npz")
+             for t in range(n_tasks)]
     orders = np.concatenate([p["orders"] for p in parts]) if parts else np.zeros(0, np.int64)
     ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, str)
     domains = np.concatenate([p["domains"] for p in parts]) if parts else np.zeros(0, str)
     dup_of: dict[int, tuple[int, int]] = {}  # order -> (kept order, kind)
     stats: dict[str, StepStats] = {"exact_dedup": StepStats(), "minhash_dedup": StepStats()}
+    exact_mask = np.concatenate([p["exact_mask"] for p in parts]) if parts else np.zeros(0, bool)
+    if phase is not None:
+        mh_mask = np.concatenate([p["minhash_mask"] for p in parts]) if parts else np.zeros(0, bool)
+        exact, near = _sharded_dedup(cfg, data_dir, n_tasks, phase, cfg.dedup.exact.enabled and exact_mask.any())
+        dup_of.update((o, (f, EXACT)) for o, f in exact.items())
+        _count_dedup(stats["exact_dedup"], domains, orders, exact_mask, dup_of, EXACT, "exact_duplicate")
+        alive = mh_mask & np.array([o not in dup_of for o in orders.tolist()], dtype=bool)
+        return _finish_dedup(cfg, work, orders, ids, domains, alive, dup_of, near, stats)
 
     # exact: among documents the step applies to, every later copy points at the first one
-    exact_mask = np.concatenate([p["exact_mask"] for p in parts]) if parts else np.zeros(0, bool)
     if cfg.dedup.exact.enabled and exact_mask.any():
         keys = np.concatenate([p["exact"] for p in parts])[exact_mask]
         sel = orders[exact_mask]
@@ -474,7 +609,6 @@ def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str, Any]
     mh = cfg.dedup.minhash
     mh_mask = np.concatenate([p["minhash_mask"] for p in parts]) if parts else np.zeros(0, bool)
     alive = mh_mask & np.array([o not in dup_of for o in orders.tolist()], dtype=bool)
-    cluster_sizes: Counter = Counter()
     if mh.enabled and alive.sum() > 1:
         sigs = np.concatenate([p["sigs"] for p in parts])[alive]
         sel = orders[alive]
@@ -496,13 +630,23 @@ def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str, Any]
                 return jaccard(shingles(a), shingles(b)) >= mh.verify_jaccard
 
         roots = clusters(all_pairs, verify=verify)
-        sizes: Counter = Counter()
-        for o, r in roots.items():
-            dup_of[o] = (r, NEAR)
-            sizes[r] += 1
-        for n in sizes.values():
-            cluster_sizes[n + 1] += 1
-    _count_dedup(stats["minhash_dedup"], domains, orders, alive if mh.enabled else np.zeros_like(alive),
+    else:
+        roots = {}
+    return _finish_dedup(cfg, work, orders, ids, domains, alive, dup_of, roots, stats)
+
+
+def _finish_dedup(cfg: DataConfig, work: Path, orders: np.ndarray, ids: np.ndarray, domains: np.ndarray,
+                  alive: np.ndarray, dup_of: dict[int, tuple[int, int]], roots: dict[int, int],
+                  stats: dict[str, StepStats]) -> dict[str, Any]:
+    """Near-duplicate clusters into `dup_of`, the funnel counts and ``_work/dedup.npz``."""
+    cluster_sizes: Counter = Counter()
+    sizes: Counter = Counter()
+    for o, r in roots.items():
+        dup_of[o] = (r, NEAR)
+        sizes[r] += 1
+    for n in sizes.values():
+        cluster_sizes[n + 1] += 1
+    _count_dedup(stats["minhash_dedup"], domains, orders, alive if cfg.dedup.minhash.enabled else np.zeros_like(alive),
                  dup_of, NEAR, "near_duplicate")
 
     id_of = dict(zip(orders.tolist(), ids.tolist()))
@@ -807,14 +951,15 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     else:
         pool = make_pool(min(n_workers, n_tasks))
 
-    def phase(name: str, fn: Callable[[int], dict[str, Any]], done: str) -> list[dict[str, Any]]:
+    def phase(name: str, fn: Callable[[int], dict[str, Any]], done: str, n: int | None = None) -> list[dict[str, Any]]:
+        n = n_tasks if n is None else n
         ts = time.time()
-        progress.start(name, n_tasks)
+        progress.start(name, n)
         tick = lambda i: progress.advance(name)  # noqa: E731
         if on_ray:
-            res = run_tasks_ray(fn, n_tasks, work / done, cfg.executor, on_done=tick)
+            res = run_tasks_ray(fn, n, work / done, cfg.executor, on_done=tick)
         else:
-            res = run_tasks(fn, n_tasks, work / done, n_workers, on_done=tick, pool=pool)
+            res = run_tasks(fn, n, work / done, n_workers, on_done=tick, pool=pool)
         timings[name] = round(time.time() - ts, 3)
         return res
 
@@ -858,7 +1003,7 @@ def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_jso
     if dedup_file.is_file():
         dedup_stats = read_json(dedup_file)
     else:
-        dedup_stats = dedup_phase(cfg, data_dir, n_tasks)
+        dedup_stats = dedup_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
         atomic_write_json(dedup_file, dedup_stats)
     timings["dedup"] = round(time.time() - ts, 3)
     if cfg.dedup.lines.enabled:

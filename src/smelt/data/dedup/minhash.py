@@ -212,8 +212,9 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
 # --------------------------------------------------------------------------------- bands
 
 
-def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """One 64-bit key per band: shape (N, bands) uint64.
+def band_keys(sigs: np.ndarray, bands: int, rows: int, band: int | None = None) -> np.ndarray:
+    """One 64-bit key per band: shape (N, bands) uint64; with `band`, that band's keys only,
+    shape (N,), equal to column `band` of the full result (what one LSH band task needs).
 
     A polynomial hash over the band's rows seeded with the band index, through the
     splitmix64 finalizer; keys of different bands differ even for equal rows, so pooled
@@ -224,9 +225,24 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     if sigs.ndim != 2 or sigs.shape[1] != bands * rows:
         raise ValueError(f"signatures must have shape (N, {bands * rows}), got {sigs.shape}")
     n = sigs.shape[0]
-    v = sigs.reshape(n, bands, rows).astype(np.uint64)
+    if band is not None:
+        if not 0 <= band < bands:
+            raise ValueError(f"band must be in [0, {bands}), got {band}")
+        one = _band_keys_of(sigs[:, band * rows:(band + 1) * rows].reshape(n, 1, rows), np.array([band + 1]), rows)
+        one[(sigs == SENTINEL).all(axis=1), 0] = EMPTY_BAND_KEY
+        return one[:, 0]
+    acc = _band_keys_of(sigs.reshape(n, bands, rows), np.arange(1, bands + 1), rows)
+    empty = (sigs == SENTINEL).all(axis=1)
+    acc[empty] = EMPTY_BAND_KEY
+    return acc
+
+
+def _band_keys_of(v: np.ndarray, seeds: np.ndarray, rows: int) -> np.ndarray:
+    """Keys of (N, b, rows) band values, band j seeded with ``seeds[j]`` (its 1-based index)."""
+    n, b = v.shape[0], v.shape[1]
+    v = v.astype(np.uint64)
     with np.errstate(over="ignore"):
-        acc = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * _GOLDEN, (n, bands)).copy()
+        acc = np.broadcast_to(seeds.astype(np.uint64) * _GOLDEN, (n, b)).copy()
         for j in range(rows):
             acc *= _GOLDEN
             acc += v[:, :, j]
@@ -236,8 +252,6 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
         acc *= _MIX2
         acc ^= acc >> np.uint64(31)
     acc[acc == EMPTY_BAND_KEY] = np.uint64(1)
-    empty = (sigs == SENTINEL).all(axis=1)
-    acc[empty] = EMPTY_BAND_KEY
     return acc
 
 

@@ -1,0 +1,89 @@
+"""The dedup phase as tasks (`data.executor.sharded_dedup`): hash-partitioned exact dedup, one
+task per LSH band and Jaccard verification by pair shard make the same duplicate decisions, and
+write the same bytes, as the single-process phase."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smelt.config import parse_recipe
+from smelt.data.curate import run_data_stage
+from smelt.data.dedup.minhash import SENTINEL, band_keys
+from smelt.data.synth import generate
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The demo generator's pages (exact and near duplicates planted), in five files."""
+    inp = tmp_path_factory.mktemp("corpus")
+    docs = list(generate(300, seed=11))
+    for f in range(5):
+        with open(inp / f"part-{f}.jsonl", "w", encoding="utf-8") as fh:
+            for d in docs[f::5]:
+                fh.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
+    return inp
+
+
+def _run(root: Path, inp: Path, sharded: bool, verify: float | None, workers: int = 2) -> tuple[dict, dict]:
+    r = parse_recipe({"name": "d", "runs_dir": str(root), "data": {
+        "inputs": [{"path": str(inp), "glob": "*.jsonl", "domain": "web"}], "workers": workers,
+        "executor": {"sharded_dedup": sharded}, "language": {"allowed": ["en", "zh"]},
+        "dedup": {"minhash": {"enabled": True, "verify_jaccard": verify}, "lines": {"enabled": True}}}})
+    stats = run_data_stage(r.data, r.run_dir)
+    data = r.run_dir / "data"
+    digest = {str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in sorted(data.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return stats, digest
+
+
+@pytest.mark.parametrize("verify", [None, 0.5])
+def test_sharded_dedup_makes_the_same_decisions(tmp_path: Path, corpus: Path, verify: float | None) -> None:
+    one_stats, one = _run(tmp_path / "one", corpus, sharded=False, verify=verify)
+    tasks_stats, tasks = _run(tmp_path / "tasks", corpus, sharded=True, verify=verify)
+    d = one_stats["documents"]
+    steps = {s["name"]: s["total"] for s in one_stats["steps"]}
+    assert steps["exact_dedup"]["dropped"] and steps["minhash_dedup"]["dropped"]  # both kinds were found
+    assert d["duplicates"] > 0
+    assert tasks == one  # every shard, duplicates/ (with duplicate_of) included, and stats.json
+    assert tasks_stats == one_stats
+
+
+def test_sharded_dedup_resumes_from_its_markers(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    """Killed in the middle of the LSH band tasks, the stage resumes with the finished bands kept."""
+    from smelt.data import curate
+
+    real = curate.band_task
+    calls: list[int] = []
+
+    def dies_at_band_5(b: int, **kw):
+        calls.append(b)
+        if b == 5:
+            raise KeyboardInterrupt("killed")
+        return real(b, **kw)
+
+    monkeypatch.setattr(curate, "band_task", dies_at_band_5)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "r", corpus, sharded=True, verify=0.5, workers=1)
+    done = tmp_path / "r" / "d" / "data" / "_work" / "lsh.done"
+    assert sorted(p.name for p in done.iterdir()) == [f"{b:05d}.json" for b in range(5)]
+    calls.clear()
+    monkeypatch.setattr(curate, "band_task", real)
+    _, resumed = _run(tmp_path / "r", corpus, sharded=True, verify=0.5, workers=1)
+    _, straight = _run(tmp_path / "s", corpus, sharded=False, verify=0.5, workers=1)
+    assert resumed == straight
+
+
+def test_one_band_equals_its_column() -> None:
+    rng = np.random.default_rng(0)
+    sigs = rng.integers(0, 2**32, size=(50, 14 * 8), dtype=np.uint64)
+    sigs[3] = SENTINEL  # a document without shingles
+    full = band_keys(sigs, 14, 8)
+    for b in range(14):
+        assert np.array_equal(band_keys(sigs, 14, 8, band=b), full[:, b])
+    with pytest.raises(ValueError):
+        band_keys(sigs, 14, 8, band=14)
