@@ -5,8 +5,9 @@ one (`data.executor.sharded_dedup`) runs exact dedup by hash partition, one task
 Jaccard verification by pair shard in the worker pool, and the driver holds only per-document
 orders, ids and masks plus the duplicates and candidate pairs. The corpus is the demo generator's
 web pages (planted exact and near duplicates), 1x, 4x, 16x as many, each copy generated with its
-own seed and ids, so documents, signatures and candidate pairs all grow with it. Peak = tracemalloc's peak of Python and numpy allocations in the driver during the
-dedup phase (the worker processes are not counted: a band task holds one band of keys).
+own seed and ids, so documents, signatures and candidate pairs all grow with it. Peak =
+tracemalloc's peak of Python and numpy allocations in the driver during the dedup phase (the
+worker processes are not counted: a band task holds one band of keys).
 
     python bench/dedup_memory.py [--docs 1000] [--copies 1,4,16] [--workers 2]
 """
