@@ -120,7 +120,7 @@ def test_stage_key_without_registered_steps_is_unchanged(tmp_path: Path) -> None
     r = recipe(tmp_path, write_inputs(tmp_path), [])
     plan = plan_tasks(r.data)
     conf = recipe_to_dict(r.data)
-    del conf["steps"], conf["executor"]
+    del conf["steps"], conf["executor"], conf["max_task_mb"]
     files = [[f, Path(f).stat().st_size, int(Path(f).stat().st_mtime)] for _, f in plan.files]
     assert stage_key(r.data, plan) == config_hash({"config": conf, "version": FORMAT_VERSION, "files": files})
 

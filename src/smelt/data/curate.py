@@ -61,10 +61,17 @@ class AccountingError(RuntimeError):
 @dataclass
 class Plan:
     files: list[tuple[int, str]]  # (input source index, file path)
-    tasks: list[list[int]]  # task -> indices into files
+    # task -> its pieces: a file index (the whole file), or [file index, start, end, records
+    # before start] for part of a file split by `max_task_mb` (bytes of a JSON-lines file, row
+    # groups of a Parquet file; `smelt.data.readers.base.FileReader.part`)
+    tasks: list[list[Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return {"files": self.files, "tasks": self.tasks}
+
+    def parts(self) -> list[list[int]]:
+        """The pieces that are parts of files (empty when every task reads whole files)."""
+        return [p for t in self.tasks for p in t if isinstance(p, list)]
 
 
 def plan_tasks(cfg: DataConfig) -> Plan:
@@ -78,12 +85,29 @@ def plan_tasks(cfg: DataConfig) -> Plan:
         from smelt.data.executor.ray_tasks import check_ray
 
         check_ray()
+    from smelt.data.readers import split_file
+
     files: list[tuple[int, str]] = []
     for si, src in enumerate(cfg.inputs):
         for f in resolve_files(src):
             files.append((si, f))
-    tasks = [list(range(i, min(i + cfg.files_per_task, len(files))))
-             for i in range(0, len(files), cfg.files_per_task)]
+    max_bytes = int(cfg.max_task_mb * 2**20) if cfg.max_task_mb is not None else None
+    tasks: list[list[Any]] = []
+    group: list[Any] = []
+    for fi, (si, f) in enumerate(files):
+        parts = split_file(f, cfg.inputs[si], max_bytes) if max_bytes is not None else None
+        if parts is None:
+            group.append(fi)
+            if len(group) == cfg.files_per_task:
+                tasks.append(group)
+                group = []
+            continue
+        if group:
+            tasks.append(group)
+            group = []
+        tasks.extend([[[fi, *p]] for p in parts])
+    if group:
+        tasks.append(group)
     return Plan(files=files, tasks=tasks)
 
 
@@ -105,6 +129,9 @@ def stage_key(cfg: DataConfig, plan: Plan) -> str:
     key: dict[str, Any] = {"config": conf, "version": FORMAT_VERSION,
                            "files": [_file_fingerprint(f) for _, f in plan.files]}
     del conf["executor"]  # where tasks run does not change what they write
+    del conf["max_task_mb"]  # only the parts it makes (below) change the tasks
+    if plan.parts():
+        key["parts"] = plan.parts()
     if not conf["steps"]:
         del conf["steps"]  # the key of a recipe without registered steps is as it always was
     else:
@@ -357,10 +384,11 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
             buf.clear()
 
         buf_chars = 0
-        for fi in plan["tasks"][ti]:
+        for piece in plan["tasks"][ti]:
+            fi, part = (piece[0], tuple(piece[1:])) if isinstance(piece, list) else (piece, None)
             si, path = plan["files"][fi]
             src = cfg.inputs[si]
-            for doc in read_documents(path, src):
+            for doc in read_documents(path, src, part=part):
                 order = (ti << 32) | pos
                 pos += 1
                 b, c = _sizes(doc)

@@ -196,7 +196,67 @@ def stem(path: str) -> str:
     return base if ext in _BY_SUFFIX else name
 
 
-def read_documents(path: str, src: InputSource, *, skipped: Counter | None = None) -> Iterator[Document]:
+def split_file(path: str, src: InputSource, max_bytes: int) -> list[tuple[int, int, int]] | None:
+    """Parts of one input file of at most about `max_bytes` each, as ``(start, end, records
+    before start)``, or None when it is read whole: small files, compressed or remote ones (no
+    random access), formats other than JSON lines and Parquet, and sources with a `limit`.
+
+    JSON lines: line-aligned byte ranges (each part starts after a newline), with the number of
+    lines before it so that line numbers, and the ids made from them, are those of a whole read.
+    Parquet: runs of whole row groups by their compressed size, with the rows before them."""
+    from smelt.data.fs import local_path
+
+    if src.limit is not None or is_url(path):
+        return None
+    fmt = src.format if src.format != "auto" else detect_format(path)
+    local = local_path(path)
+    if fmt == "jsonl":
+        if split_ext(path)[1] is not None:
+            return None
+        size = os.path.getsize(local)
+        if size <= max_bytes:
+            return None
+        with open(local, "rb") as fh:
+            head = fh.read(4)
+            if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":  # compressed, misnamed
+                return None
+            cuts = [0]
+            while cuts[-1] + max_bytes < size:
+                fh.seek(cuts[-1] + max_bytes)
+                fh.readline()  # to the end of the line the cut falls in
+                if fh.tell() >= size:
+                    break
+                cuts.append(fh.tell())
+            cuts.append(size)
+            parts, lines = [], 0
+            fh.seek(0)
+            for a, b in zip(cuts, cuts[1:]):
+                parts.append((a, b, lines))
+                remaining = b - a
+                while remaining:
+                    chunk = fh.read(min(remaining, 1 << 24))
+                    lines += chunk.count(b"\n")
+                    remaining -= len(chunk)
+        return parts if len(parts) > 1 else None
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(local).metadata
+        parts, start, acc, rows, before = [], 0, 0, 0, 0
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            if g > start and acc + rg.total_byte_size > max_bytes:
+                parts.append((start, g, before))
+                start, acc, before = g, 0, rows
+            acc += rg.total_byte_size
+            rows += rg.num_rows
+        parts.append((start, meta.num_row_groups, before))
+        return parts if len(parts) > 1 else None
+    return None
+
+
+def read_documents(path: str, src: InputSource, *, skipped: Counter | None = None,
+                   part: tuple[int, int, int] | None = None) -> Iterator[Document]:
     """Stream the documents of one input file, with the reader of its format.
 
     ``id`` is the record's `src.id_field` when present, else ``<name>/<file>:<n>`` (``name`` =
@@ -212,7 +272,9 @@ def read_documents(path: str, src: InputSource, *, skipped: Counter | None = Non
                              f"(registered: {', '.join(sorted(_READERS))})")
     reader = FileReader(
         path=path, display=display_name(path, src), name=src.name or stem(path),
-        domain=src.domain, text_field=src.text_field, id_field=src.id_field, skipped=skipped, src=src)
+        domain=src.domain, text_field=src.text_field, id_field=src.id_field, skipped=skipped, src=src, part=part)
+    if part is not None and fmt not in ("jsonl", "parquet"):
+        raise DataInputError(f"{path}: format {fmt!r} cannot be read in parts")
     gen = load(entry.read)(reader)
     n = 0
     try:

@@ -75,6 +75,9 @@ class FileReader:
     id_field: str
     skipped: Counter | None
     src: InputSource | None = None  # the whole input source, for format options (txt_split)
+    # Part of the file to read (`smelt.data.readers.split_file`): (start, end, records before
+    # start) as bytes of a JSON-lines file or row groups of a Parquet file; None: all of it.
+    part: tuple[int, int, int] | None = None
     problems: Counter = field(default_factory=Counter)
     dropped_fields: Counter = field(default_factory=Counter)
 

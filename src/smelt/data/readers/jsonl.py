@@ -17,8 +17,18 @@ def read(r: FileReader) -> Iterator[Document]:
     blank = 0
     n = 0
     with open_input(r.path) as stream:
+        left = None  # bytes of this part still to read (a part of a split file, `FileReader.part`)
+        if r.part is not None:
+            start, end, n = r.part  # n: the lines before the part, so that line numbers are the file's
+            stream.seek(start)
+            left = end - start
         try:
-            for n, line in enumerate(stream, 1):  # noqa: B007 - n is used after the loop
+            for line in stream:
+                if left is not None:
+                    if left <= 0:
+                        break
+                    left -= len(line)
+                n += 1
                 if line.isspace():
                     blank += 1
                     continue

@@ -27,10 +27,16 @@ def read(r: FileReader) -> Iterator[Document]:
             schema = pf.schema_arrow
             binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
                       or pa.types.is_fixed_size_binary(f.type)]
+            groups = None
+            rows = pf.metadata.num_rows
+            if r.part is not None:  # a part of a split file: row groups [start, end), after n rows
+                start, end, n = r.part
+                groups = list(range(start, end))
+                rows = sum(pf.metadata.row_group(g).num_rows for g in groups)
             for name in binary:
-                r.dropped_fields[name] += pf.metadata.num_rows
+                r.dropped_fields[name] += rows
             columns = [f.name for f in schema if f.name not in binary]
-            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns, row_groups=groups):
                 for row in batch.to_pylist():
                     n += 1
                     doc = r.from_record(row, n)
