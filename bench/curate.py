@@ -444,6 +444,66 @@ def _datatrove_minhash_config() -> Any:
     return MinhashConfig(hash_config=HashConfig(precision=64), num_buckets=14, hashes_per_bucket=8, n_grams=5)
 
 
+def _other_minhash(texts: list[str], hasher: Any, cfg: MinHashConfig, smelt_roots: dict[int, int]) -> dict[str, Any]:
+    """rensa (Rust) and datasketch signatures of the same texts under smelt's own shingles (its
+    CJK-aware tokens, n-grams joined into strings), when installed: us/doc of the signatures
+    alone (shingle strings built before timing, for all three), and how their duplicate decisions
+    (the same bands, buckets and clusters) agree with smelt's: adjusted Rand index over clusters."""
+    from smelt.data.dedup.minhash import band_keys, bucket_pairs, clusters
+    from smelt.data.text import tokens
+
+    shingles = []
+    for t in texts:
+        tok, k = tokens(t), hasher.ngram_for(t)
+        shingles.append([" ".join(tok[i:i + k]) for i in range(max(1, len(tok) - k + 1))] if tok else [])
+    hashes = [hasher._shingle_hashes(t) for t in texts]
+    t0 = time.perf_counter()
+    hasher._signatures_from_hashes(hashes)
+    smelt_us = round((time.perf_counter() - t0) / len(texts) * 1e6, 1)
+    out: dict[str, Any] = {"signatures_only_us_per_doc": {"smelt": smelt_us}}
+    n_perm = cfg.bands * cfg.rows
+    ids = {str(i) for i in range(len(texts))}
+
+    def labels(roots: dict[int, int]) -> dict[str, str]:
+        return {str(i): str(roots.get(i, i)) for i in range(len(texts))}
+
+    makers: dict[str, Any] = {}
+    try:
+        import rensa
+
+        def rensa_sig(sh: list[str]) -> list[int]:
+            m = rensa.RMinHash(num_perm=n_perm, seed=1)
+            m.update(sh)
+            return m.digest()
+
+        makers["rensa"] = rensa_sig
+    except ImportError:
+        out["rensa"] = "not installed (pip install rensa)"
+    try:
+        import datasketch
+
+        def ds_sig(sh: list[str]) -> list[int]:
+            m = datasketch.MinHash(num_perm=n_perm, seed=1)
+            m.update_batch([s.encode("utf-8") for s in sh])
+            return m.hashvalues
+
+        makers["datasketch"] = ds_sig
+    except ImportError:
+        out["datasketch"] = "not installed (pip install datasketch)"
+    for name, make in makers.items():
+        t0 = time.perf_counter()
+        sigs = [make(sh) for sh in shingles]
+        us = (time.perf_counter() - t0) / len(texts) * 1e6
+        arr = np.array([np.asarray(x, dtype=np.uint64) & 0xFFFFFFFF for x in sigs], dtype=np.uint64).astype(np.uint32)
+        keys = band_keys(arr, cfg.bands, cfg.rows)
+        orders = np.arange(len(texts), dtype=np.int64)
+        pairs = np.unique(np.concatenate([bucket_pairs(keys[:, b], orders) for b in range(cfg.bands)]), axis=0)
+        ari = adjusted_rand_index(labels(smelt_roots), labels(clusters(pairs)), ids)
+        out["signatures_only_us_per_doc"][name] = round(us, 1)
+        out[name] = {"candidate_pairs": int(len(pairs)), "ari_vs_smelt": round(ari, 4)}
+    return out
+
+
 def minhash_primitives(docs: list[tuple[str, str, str]], cfg: MinHashConfig) -> dict[str, Any]:
     """In-process timing of the core work: shingles + signatures, LSH buckets, clusters."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
@@ -488,7 +548,8 @@ def minhash_primitives(docs: list[tuple[str, str, str]], cfg: MinHashConfig) -> 
             dsig.get_signature(s)
     t_dsig = time.perf_counter() - t0
     shutil.rmtree(dsig.output_folder.path, ignore_errors=True)
-    return {
+    others = _other_minhash(texts, hasher, cfg, clusters(pairs))
+    return others | {
         "docs": n, "candidate_pairs": int(len(pairs)),
         "smelt_us_per_doc": {"signatures": round(t_sig / n * 1e6, 1), "bands_buckets": round(t_buckets / n * 1e6, 1),
                              "clusters": round(t_clusters / n * 1e6, 1),
@@ -785,6 +846,10 @@ def _bench_minhash(corpus: Corpus, docs: list[tuple[str, str, str]], cfg: MinHas
                   ["band keys + buckets", prim["smelt_us_per_doc"]["bands_buckets"], "-"],
                   ["clusters", prim["smelt_us_per_doc"]["clusters"], "-"],
                   ["clusters, Jaccard-verified", prim["smelt_us_per_doc"]["clusters_verified"], "-"]]), flush=True)
+    so = prim["signatures_only_us_per_doc"]
+    print(f"     signatures alone under smelt's shingles (us/doc): {so}; decisions vs smelt's (same bands and "
+          f"clusters): " + ", ".join(f"{k} ARI {prim[k]['ari_vs_smelt']} ({prim[k]['candidate_pairs']:,} pairs)"
+                                      for k in ("rensa", "datasketch") if isinstance(prim.get(k), dict)), flush=True)
 
     n, b = corpus.n_docs, corpus.n_bytes
     runs = []

@@ -631,7 +631,9 @@ class Recipe(Strict):
     @classmethod
     def _local_runs_dir(cls, v: str) -> str:
         if _URL_RE.match(v):
-            raise ValueError("must be a local directory, not a URL: remote outputs are not supported yet")
+            raise ValueError("must be a local directory, not a URL: run directories on object stores are not "
+                             "supported yet (mount the bucket, e.g. with mountpoint-s3, s3fs-fuse or gcsfuse, and "
+                             "give its path; inputs may be URLs)")
         return v
 
     @model_validator(mode="after")
