@@ -1,6 +1,6 @@
 """The dedup phase as tasks (`data.executor.sharded_dedup`): hash-partitioned exact dedup, one
-task per LSH band and Jaccard verification by pair shard make the same duplicate decisions, and
-write the same bytes, as the single-process phase."""
+task per LSH band, Jaccard verification by pair shard and repeated-line counts by hash partition
+make the same duplicate decisions, and write the same bytes, as the single-process phase."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def test_sharded_dedup_makes_the_same_decisions(tmp_path: Path, corpus: Path, ve
     assert d["duplicates"] > 0
     assert tasks == one  # every shard, duplicates/ (with duplicate_of) included, and stats.json
     assert tasks_stats == one_stats
+    assert steps["line_dedup"]["counters"]["units_removed"] > 0  # repeated lines were removed
+    timings = json.loads((tmp_path / "tasks" / "d" / "data" / "manifest.json").read_text())["timings_s"]
+    assert {"exact", "lsh", "count"} <= set(timings) and ("verify" in timings) == (verify is not None)
 
 
 def test_sharded_dedup_resumes_from_its_markers(tmp_path: Path, corpus: Path, monkeypatch) -> None:

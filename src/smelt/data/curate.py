@@ -747,23 +747,57 @@ def units_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     return {"task": ti, "units": len(hs)}
 
 
-def count_units_phase(cfg: DataConfig, data_dir: Path, n_tasks: int) -> dict[str, Any]:
-    """Units in more than `max_repeats` documents, with the first document that has each."""
+def _repeated(hashes: np.ndarray, orders: np.ndarray, max_repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, first orders) of the units found in more than `max_repeats` documents, by hash."""
+    if not len(hashes):
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    idx = np.lexsort((orders, hashes))  # by hash, then corpus order
+    h, o = hashes[idx], orders[idx]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    counts = np.diff(np.r_[starts, len(h)])
+    rep = counts > max_repeats
+    return h[starts][rep], o[starts][rep]
+
+
+def count_units_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
+                      phase: Callable[..., list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Units in more than `max_repeats` documents, with the first document that has each. With
+    `phase` (`sharded_dedup`), counted in hash partitions as tasks; the driver sees only the
+    repeated units."""
     work = data_dir / WORK
-    parts = [_load_npz(work / "units" / f"{t:05d}.npz") for t in range(n_tasks)]
-    hashes = np.concatenate([p["hashes"] for p in parts]) if parts else np.zeros(0, np.uint64)
-    orders = np.concatenate([p["orders"] for p in parts]) if parts else np.zeros(0, np.int64)
-    if len(hashes):
-        idx = np.lexsort((orders, hashes))  # by hash, then corpus order
-        h, o = hashes[idx], orders[idx]
-        starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
-        counts = np.diff(np.r_[starts, len(h)])
-        rep = counts > cfg.dedup.lines.max_repeats
-        rep_h, rep_first = h[starts][rep], o[starts][rep]
+    if phase is not None:
+        (work / "dedup").mkdir(parents=True, exist_ok=True)
+        phase("count", functools.partial(sharded_units_task, data_dir=str(data_dir), n_tasks=n_tasks,
+                                         n_parts=DEDUP_PARTITIONS, max_repeats=cfg.dedup.lines.max_repeats),
+              "count.done", DEDUP_PARTITIONS)
+        parts = [_load_npz(work / "dedup" / f"units-{p:05d}.npz") for p in range(DEDUP_PARTITIONS)]
+        h = np.concatenate([p["hashes"] for p in parts])
+        o = np.concatenate([p["first"] for p in parts])
+        idx = np.argsort(h, kind="stable")  # by hash, as the single-process count orders them
+        rep_h, rep_first = h[idx], o[idx]
     else:
-        rep_h, rep_first = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        parts = [_load_npz(work / "units" / f"{t:05d}.npz") for t in range(n_tasks)]
+        hashes = np.concatenate([p["hashes"] for p in parts]) if parts else np.zeros(0, np.uint64)
+        orders = np.concatenate([p["orders"] for p in parts]) if parts else np.zeros(0, np.int64)
+        rep_h, rep_first = _repeated(hashes, orders, cfg.dedup.lines.max_repeats)
     _save_npz(work / "repeated_units.npz", hashes=rep_h, first=rep_first)
     return {"repeated_units": int(len(rep_h))}
+
+
+def sharded_units_task(p: int, *, data_dir: str, n_tasks: int, n_parts: int, max_repeats: int) -> dict[str, Any]:
+    """Repeated units of hash partition `p` (``hash % n_parts == p``) over every task's units."""
+    work = Path(data_dir) / WORK
+    hs, os_ = [], []
+    for t in range(n_tasks):
+        z = _members(work / "units" / f"{t:05d}.npz", ("hashes", "orders"))
+        sel = z["hashes"] % np.uint64(n_parts) == np.uint64(p)
+        hs.append(z["hashes"][sel])
+        os_.append(z["orders"][sel])
+    h = np.concatenate(hs) if hs else np.zeros(0, np.uint64)
+    o = np.concatenate(os_) if os_ else np.zeros(0, np.int64)
+    rep_h, rep_first = _repeated(h, o, max_repeats)
+    _save_npz(work / "dedup" / f"units-{p:05d}.npz", hashes=rep_h, first=rep_first)
+    return {"partition": p, "units": int(len(h)), "repeated": int(len(rep_h))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1037,7 +1071,7 @@ def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_jso
     if cfg.dedup.lines.enabled:
         phase("units", functools.partial(units_task, cfg_json=cfg_json, data_dir=str(data_dir)), "units.done")
         if not (work / "repeated_units.npz").is_file():
-            count_units_phase(cfg, data_dir, n_tasks)
+            count_units_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
     write_res = phase("write", functools.partial(write_task, cfg_json=cfg_json, data_dir=str(data_dir)),
                       "write.done")
     return build_stats(filter_res, dedup_stats, write_res, step_order)
