@@ -169,3 +169,27 @@ def test_recipes_demo_is_a_copy_of_the_packaged_one():
 
     copy = (Path(__file__).parents[1] / "recipes" / "demo.yaml").read_text(encoding="utf-8")
     assert copy.endswith(demo_recipe_path().read_text(encoding="utf-8"))
+
+
+def test_every_shipped_recipe_loads(monkeypatch):
+    """Every YAML file in recipes/ is a valid recipe (or, for the quality classifier, a valid
+    training spec); the GPU scaling ladder plans without packed tokens."""
+    import yaml
+
+    from smelt.config import load_recipe
+    from smelt.quality.train import QualityTrainSpec
+    from smelt.scaling.sweep import plan_sweep
+
+    monkeypatch.delenv("SMELT_DEMO", raising=False)
+    files = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        tree = yaml.safe_load(f.read_text(encoding="utf-8"))
+        if "positive" in tree:
+            QualityTrainSpec.model_validate(tree)
+            continue
+        r = load_recipe(f)
+        if f.name == "scaling-gpu.yaml":
+            runs = plan_sweep(r, r.run_dir)
+            flops = sum(x.trained_tokens * x.flops_per_token for x in runs)
+            assert len(runs) == 18 and 1e18 < flops < 1e19

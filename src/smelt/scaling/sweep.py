@@ -399,10 +399,10 @@ def _fpt(runs: list[SweepRun], size: str) -> float:
 
 def format_sweep(runs: list[SweepRun]) -> str:
     """The ladder as a table (`smelt scaling sweep --dry-run`)."""
-    lines = [f"{'run':<22}{'params':>12}{'budget C':>11}{'steps':>8}{'tokens D':>13}{'D/N':>7}{'trains':>12}"]
-    for r in runs:
-        lines.append(f"{r.name:<22}{r.params:>12,}{r.budget:>11.2e}{r.steps:>8}{r.tokens:>13,}"
-                     f"{r.tokens / r.params:>7.1f}{r.trained_tokens:>12,}")
+    lines = [f"{'run':<22}{'params':>14}{'budget C':>11}{'steps':>9}{'tokens D':>17}{'D/N':>9}{'trains':>17}"]
+    for r in runs:  # widths fit GPU ladders too (billions of tokens)
+        lines.append(f"{r.name:<22}{r.params:>14,} {r.budget:>10.2e} {r.steps:>8} {r.tokens:>16,} "
+                     f"{r.tokens / r.params:>8.1f} {r.trained_tokens:>16,}")
     lines.append(f"total training tokens: {sum(r.trained_tokens for r in runs):,} "
                  f"({sum(r.trained_tokens * r.flops_per_token for r in runs):.3e} FLOPs)")
     return "\n".join(lines)
