@@ -29,10 +29,11 @@ def corpus(tmp_path_factory) -> Path:
     return inp
 
 
-def _run(root: Path, inp: Path, sharded: bool, verify: float | None, workers: int = 2) -> tuple[dict, dict]:
+def _run(root: Path, inp: Path, sharded: bool, verify: float | None, workers: int = 2,
+         lsh_splits: int = 1) -> tuple[dict, dict]:
     r = parse_recipe({"name": "d", "runs_dir": str(root), "data": {
         "inputs": [{"path": str(inp), "glob": "*.jsonl", "domain": "web"}], "workers": workers,
-        "executor": {"sharded_dedup": sharded}, "language": {"allowed": ["en", "zh"]},
+        "executor": {"sharded_dedup": sharded, "lsh_splits": lsh_splits}, "language": {"allowed": ["en", "zh"]},
         "dedup": {"minhash": {"enabled": True, "verify_jaccard": verify}, "lines": {"enabled": True}}}})
     stats = run_data_stage(r.data, r.run_dir)
     data = r.run_dir / "data"
@@ -41,10 +42,11 @@ def _run(root: Path, inp: Path, sharded: bool, verify: float | None, workers: in
     return stats, digest
 
 
-@pytest.mark.parametrize("verify", [None, 0.5])
-def test_sharded_dedup_makes_the_same_decisions(tmp_path: Path, corpus: Path, verify: float | None) -> None:
+@pytest.mark.parametrize(("verify", "lsh_splits"), [(None, 1), (0.5, 1), (0.5, 3)])
+def test_sharded_dedup_makes_the_same_decisions(tmp_path: Path, corpus: Path, verify: float | None,
+                                                lsh_splits: int) -> None:
     one_stats, one = _run(tmp_path / "one", corpus, sharded=False, verify=verify)
-    tasks_stats, tasks = _run(tmp_path / "tasks", corpus, sharded=True, verify=verify)
+    tasks_stats, tasks = _run(tmp_path / "tasks", corpus, sharded=True, verify=verify, lsh_splits=lsh_splits)
     d = one_stats["documents"]
     steps = {s["name"]: s["total"] for s in one_stats["steps"]}
     assert steps["exact_dedup"]["dropped"] and steps["minhash_dedup"]["dropped"]  # both kinds were found
@@ -72,7 +74,7 @@ def test_sharded_dedup_resumes_from_its_markers(tmp_path: Path, corpus: Path, mo
     monkeypatch.setattr(curate, "band_task", dies_at_band_5)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "r", corpus, sharded=True, verify=0.5, workers=1)
-    done = tmp_path / "r" / "d" / "data" / "_work" / "lsh.done"
+    done = tmp_path / "r" / "d" / "data" / "_work" / "lsh-1.done"
     assert sorted(p.name for p in done.iterdir()) == [f"{b:05d}.json" for b in range(5)]
     calls.clear()
     monkeypatch.setattr(curate, "band_task", real)

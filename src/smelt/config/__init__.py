@@ -252,6 +252,9 @@ class ExecutorConfig(Strict):
     runtime_env: dict[str, Any] | None = Field(
         None, description="ray: Ray's runtime_env for the job (env_vars, py_modules, pip, ...), when this process "
         "starts or joins Ray.")
+    lsh_splits: int = Field(
+        1, ge=1, description="sharded_dedup: tasks per LSH band, each holding the band keys with key % lsh_splits "
+        "equal to its index (a bucket is never cut), so a task holds 1/lsh_splits of a band. Same decisions.")
     sharded_dedup: bool | None = Field(
         None, description="Run the dedup phase as tasks (exact dedup by hash partition, one task per LSH band, "
         "Jaccard verification by pair shard) so that no process holds every signature; null: on with Ray. Same "

@@ -513,28 +513,33 @@ def sharded_exact_task(p: int, *, data_dir: str, n_tasks: int, n_parts: int) -> 
     return {"partition": p, "keys": int(k.size), "duplicates": int(dup.sum())}
 
 
-def band_task(b: int, *, data_dir: str, n_tasks: int, bands: int, rows: int) -> dict[str, Any]:
-    """Candidate pairs of LSH band `b`: that band's rows of every filter task's signatures (of the
-    documents MinHash applies to that are not exact duplicates) -> band keys -> buckets -> pairs,
-    written to ``_work/dedup/band-NNNNN.npy``. Only one band's keys are in memory at a time."""
+def band_task(i: int, *, data_dir: str, n_tasks: int, bands: int, rows: int, splits: int = 1) -> dict[str, Any]:
+    """Candidate pairs of LSH band ``b = i // splits``, key range ``i % splits`` (the keys with
+    ``key % splits`` equal to it; a bucket is never cut): that band's rows of every filter task's
+    signatures (of the documents MinHash applies to that are not exact duplicates) -> band keys ->
+    buckets -> pairs, written to ``_work/dedup/band-<splits>-NNNNN.npy``. Only that share of one
+    band's keys is in memory at a time."""
     from smelt.data.dedup.minhash import band_keys, bucket_pairs
 
+    b, part = divmod(i, splits)
     work = Path(data_dir) / WORK
     exact_dups = np.load(work / "dedup" / "exact.npy")
     keys, orders = [], []
     for t in range(n_tasks):
         z = _members(work / "filter" / f"{t:05d}.npz", ("orders", "minhash_mask", "sigs"))
         alive = z["minhash_mask"] & ~np.isin(z["orders"], exact_dups)
-        keys.append(band_keys(z["sigs"][alive], bands, rows, band=b))
-        orders.append(z["orders"][alive])
+        k = band_keys(z["sigs"][alive], bands, rows, band=b)
+        mine = k % np.uint64(splits) == np.uint64(part)
+        keys.append(k[mine])
+        orders.append(z["orders"][alive][mine])
     k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     o = np.concatenate(orders) if orders else np.zeros(0, np.int64)
     pairs = bucket_pairs(k, o)
     from smelt.fsutil import atomic_open
 
-    with atomic_open(work / "dedup" / f"band-{b:05d}.npy", "wb") as f:
+    with atomic_open(work / "dedup" / f"band-{splits}-{i:05d}.npy", "wb") as f:
         np.save(f, pairs)
-    return {"band": b, "documents": int(o.size), "pairs": int(len(pairs))}
+    return {"band": b, "split": part, "documents": int(o.size), "pairs": int(len(pairs))}
 
 
 def verify_task(v: int, *, data_dir: str, n_tasks: int, n_parts: int, cfg_json: str) -> dict[str, Any]:
@@ -581,9 +586,12 @@ def _sharded_dedup(cfg: DataConfig, data_dir: Path, n_tasks: int, phase: Callabl
 
     with atomic_open(work / "dedup" / "exact.npy", "wb") as f:
         np.save(f, np.array(sorted(exact), dtype=np.int64))
+    splits = cfg.executor.lsh_splits
+    n_lsh = mh.bands * splits
+    # The marker directory names the split count: a resume with another count starts LSH afresh.
     phase("lsh", functools.partial(band_task, data_dir=str(data_dir), n_tasks=n_tasks, bands=mh.bands,
-                                   rows=mh.rows), "lsh.done", mh.bands)
-    bands = [np.load(work / "dedup" / f"band-{b:05d}.npy") for b in range(mh.bands)]
+                                   rows=mh.rows, splits=splits), f"lsh-{splits}.done", n_lsh)
+    bands = [np.load(work / "dedup" / f"band-{splits}-{i:05d}.npy") for i in range(n_lsh)]
     pairs = np.unique(np.concatenate(bands), axis=0) if bands else np.zeros((0, 2), np.int64)
     if mh.verify_jaccard is not None and len(pairs):
         with atomic_open(work / "dedup" / "pairs.npy", "wb") as f:
