@@ -615,22 +615,15 @@ def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
     from smelt.data.dedup.minhash import MinHasher, band_keys, bucket_pairs, clusters, jaccard
 
     work = data_dir / WORK
-    names = ("orders", "ids", "domains", "exact_mask", "minhash_mask") if phase else None
-    parts = [_members(work / "filter" / f"{t:05d}.npz", names) if names else _load_npz(work / "filter" / f"{t:05d}.npz")
-             for t in range(n_tasks)]
+    if phase is not None:
+        return _sharded_dedup_phase(cfg, data_dir, n_tasks, phase)
+    parts = [_load_npz(work / "filter" / f"{t:05d}.npz") for t in range(n_tasks)]
     orders = np.concatenate([p["orders"] for p in parts]) if parts else np.zeros(0, np.int64)
     ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, str)
     domains = np.concatenate([p["domains"] for p in parts]) if parts else np.zeros(0, str)
     dup_of: dict[int, tuple[int, int]] = {}  # order -> (kept order, kind)
     stats: dict[str, StepStats] = {"exact_dedup": StepStats(), "minhash_dedup": StepStats()}
     exact_mask = np.concatenate([p["exact_mask"] for p in parts]) if parts else np.zeros(0, bool)
-    if phase is not None:
-        mh_mask = np.concatenate([p["minhash_mask"] for p in parts]) if parts else np.zeros(0, bool)
-        exact, near = _sharded_dedup(cfg, data_dir, n_tasks, phase, cfg.dedup.exact.enabled and exact_mask.any())
-        dup_of.update((o, (f, EXACT)) for o, f in exact.items())
-        _count_dedup(stats["exact_dedup"], domains, orders, exact_mask, dup_of, EXACT, "exact_duplicate")
-        alive = mh_mask & np.array([o not in dup_of for o in orders.tolist()], dtype=bool)
-        return _finish_dedup(cfg, work, orders, ids, domains, alive, dup_of, near, stats)
 
     # exact: among documents the step applies to, every later copy points at the first one
     if cfg.dedup.exact.enabled and exact_mask.any():
@@ -693,6 +686,83 @@ def _finish_dedup(cfg: DataConfig, work: Path, orders: np.ndarray, ids: np.ndarr
     _save_npz(work / "dedup.npz", orders=d_orders, dup_of=d_of, kind=d_kind, dup_of_id=d_ids)
     return {"steps": {name: s.to_dict() for name, s in stats.items()},
             "cluster_sizes": {str(k): v for k, v in sorted(cluster_sizes.items())}}
+
+
+def _sharded_dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
+                         phase: Callable[..., list[dict[str, Any]]]) -> dict[str, Any]:
+    """`dedup_phase` as tasks, with nothing per document in the driver: the decisions (one row
+    per duplicate) go to ``_work/dedup/decisions-NNNNN.npz`` by the task that holds the document,
+    one `resolve_task` per filter task counts its own documents into the funnel and names the
+    kept documents that live in it, and the driver sums the counts and writes
+    ``_work/dedup.npz`` (one row per duplicate) as the single-process phase does."""
+    work = data_dir / WORK
+    exact, near = _sharded_dedup(cfg, data_dir, n_tasks, phase, cfg.dedup.exact.enabled)
+    dup_of: dict[int, tuple[int, int]] = {o: (f, EXACT) for o, f in exact.items()}
+    sizes: Counter = Counter()
+    for o, r in near.items():
+        dup_of[o] = (r, NEAR)
+        sizes[r] += 1
+    cluster_sizes = Counter(n + 1 for n in sizes.values())
+    d_orders = np.array(sorted(dup_of), dtype=np.int64)
+    d_of = np.array([dup_of[o][0] for o in d_orders.tolist()], dtype=np.int64)
+    d_kind = np.array([dup_of[o][1] for o in d_orders.tolist()], dtype=np.int8)
+    # each resolve task gets the decisions about its own documents and the cluster roots it holds
+    edges = np.arange(n_tasks + 1, dtype=np.int64) << 32
+    cut = np.searchsorted(d_orders, edges)
+    roots = np.unique(d_of)
+    rcut = np.searchsorted(roots, edges)
+    for t in range(n_tasks):
+        _save_npz(work / "dedup" / f"decisions-{t:05d}.npz", orders=d_orders[cut[t]:cut[t + 1]],
+                  kind=d_kind[cut[t]:cut[t + 1]], roots=roots[rcut[t]:rcut[t + 1]])
+    res = phase("resolve", functools.partial(resolve_task, data_dir=str(data_dir),
+                                             minhash=cfg.dedup.minhash.enabled), "resolve.done")
+    stats: dict[str, StepStats] = {"exact_dedup": StepStats(), "minhash_dedup": StepStats()}
+    id_of: dict[int, str] = {}
+    for t, r in enumerate(res):  # in task order: domains appear as in the single-process count
+        for name in stats:
+            stats[name].merge(StepStats.from_dict(r[name]))
+        z = _load_npz(work / "dedup" / f"roots-{t:05d}.npz")
+        id_of.update(zip(z["orders"].tolist(), z["ids"].tolist()))
+    d_ids = np.array([id_of[o] for o in d_of.tolist()], dtype=str)
+    _save_npz(work / "dedup.npz", orders=d_orders, dup_of=d_of, kind=d_kind, dup_of_id=d_ids)
+    return {"steps": {name: s.to_dict() for name, s in stats.items()},
+            "cluster_sizes": {str(k): v for k, v in sorted(cluster_sizes.items())}}
+
+
+def resolve_task(t: int, *, data_dir: str, minhash: bool) -> dict[str, Any]:
+    """The dedup funnel of filter task `t`'s documents (exact and near: seen, kept, dropped per
+    domain) from the duplicate decisions, and the ids of the kept documents of any cluster that
+    live in this task (``_work/dedup/roots-NNNNN.npz``)."""
+    work = Path(data_dir) / WORK
+    z = _members(work / "filter" / f"{t:05d}.npz", ("orders", "ids", "domains", "exact_mask", "minhash_mask"))
+    d = _load_npz(work / "dedup" / f"decisions-{t:05d}.npz")
+    orders = z["orders"]
+    idx = np.searchsorted(d["orders"], orders)
+    hit = idx < len(d["orders"])
+    hit[hit] = d["orders"][idx[hit]] == orders[hit]
+    kind = np.full(len(orders), -1, dtype=np.int8)
+    kind[hit] = d["kind"][idx[hit]]
+    exact_st, near_st = StepStats(), StepStats()
+    alive = z["minhash_mask"] & (kind != EXACT)
+    for dom, m, a, k in zip(z["domains"].tolist(), z["exact_mask"].tolist(), alive.tolist(), kind.tolist()):
+        if m:
+            ds = exact_st.domain(dom)
+            ds.seen += 1
+            if k == EXACT:
+                ds.dropped["exact_duplicate"] += 1
+            else:
+                ds.kept += 1
+        if minhash and a:
+            ds = near_st.domain(dom)
+            ds.seen += 1
+            if k == NEAR:
+                ds.dropped["near_duplicate"] += 1
+            else:
+                ds.kept += 1
+    mine = d["roots"]
+    pos = np.searchsorted(orders, mine)  # a task's orders ascend: (task << 32) | position
+    _save_npz(work / "dedup" / f"roots-{t:05d}.npz", orders=mine, ids=z["ids"][pos])
+    return {"task": t, "exact_dedup": exact_st.to_dict(), "minhash_dedup": near_st.to_dict()}
 
 
 def _count_dedup(st: StepStats, domains: np.ndarray, orders: np.ndarray, mask: np.ndarray,
