@@ -724,6 +724,10 @@ def _sharded_dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
         z = _load_npz(work / "dedup" / f"roots-{t:05d}.npz")
         id_of.update(zip(z["orders"].tolist(), z["ids"].tolist()))
     d_ids = np.array([id_of[o] for o in d_of.tolist()], dtype=str)
+    for t in range(n_tasks):  # what each units/write task reads: its own rows only
+        a, b = cut[t], cut[t + 1]
+        _save_npz(work / "dedup" / f"final-{t:05d}.npz", orders=d_orders[a:b], dup_of=d_of[a:b], kind=d_kind[a:b],
+                  dup_of_id=d_ids[a:b])
     _save_npz(work / "dedup.npz", orders=d_orders, dup_of=d_of, kind=d_kind, dup_of_id=d_ids)
     return {"steps": {name: s.to_dict() for name, s in stats.items()},
             "cluster_sizes": {str(k): v for k, v in sorted(cluster_sizes.items())}}
@@ -798,8 +802,15 @@ def _load_texts(work: Path, n_tasks: int, wanted: set[int]) -> dict[int, str]:
 # phases 3-4: line / sentence units
 
 
-def _dup_map(work: Path) -> dict[int, tuple[int, str]]:
-    z = _load_npz(work / "dedup.npz")
+def _dedup_rows(work: Path, ti: int) -> dict[str, np.ndarray]:
+    """The duplicate decisions a per-task phase needs: its own task's rows when the sharded dedup
+    phase wrote them (``_work/dedup/final-NNNNN.npz``), else every row of ``_work/dedup.npz``."""
+    own = work / "dedup" / f"final-{ti:05d}.npz"
+    return _load_npz(own if own.is_file() else work / "dedup.npz")
+
+
+def _dup_map(work: Path, ti: int) -> dict[int, tuple[int, str]]:
+    z = _dedup_rows(work, ti)
     return {o: (of, i) for o, of, i in zip(z["orders"].tolist(), z["dup_of"].tolist(), z["dup_of_id"].tolist())}
 
 
@@ -811,7 +822,7 @@ def units_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     lc = cfg.dedup.lines
     work = Path(data_dir) / WORK
     orders = _load_npz(work / "filter" / f"{ti:05d}.npz")["orders"].tolist()
-    dups = _dup_map(work)
+    dups = _dup_map(work, ti)
     hs: list[int] = []
     os_: list[int] = []
     for o, doc in zip(orders, read_shard(work / "filter" / f"{ti:05d}.kept.jsonl.zst")):
@@ -893,8 +904,10 @@ def write_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     fmt = cfg.output_format
     sfx = shard_suffix(fmt)
     orders = _load_npz(work / "filter" / f"{ti:05d}.npz")["orders"].tolist()
-    dups = _dup_map(work)
-    kinds = dict(zip(*(_load_npz(work / "dedup.npz")[k].tolist() for k in ("orders", "kind"))))
+    rows = _dedup_rows(work, ti)
+    dups = {o: (of, i) for o, of, i in zip(rows["orders"].tolist(), rows["dup_of"].tolist(),
+                                           rows["dup_of_id"].tolist())}
+    kinds = dict(zip(rows["orders"].tolist(), rows["kind"].tolist()))
     use_lines = lc.enabled
     rep: dict[int, int] = {}
     if use_lines:
