@@ -224,3 +224,20 @@ def test_cli_quality_train(tmp_path: Path, capsys) -> None:
     assert main(["quality", "train", str(spec_file)]) == 2
     assert "epochs" in capsys.readouterr().err
     assert main(["quality", "train", str(spec_file), "--set", "a=1"]) == 2
+
+
+def test_text_sources_split_into_paragraphs(tmp_path: Path) -> None:
+    """A .txt source is one document per file unless `txt_split: paragraph` asks for paragraphs."""
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    rng = np.random.default_rng(0)
+    pos.write_text("\n\n".join(prose(rng) for _ in range(60)), encoding="utf-8")
+    neg.write_text("\n\n".join(spam(rng) for _ in range(60)), encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"documents in the (heldout|train) split"):  # one document per file
+        train_classifier(_spec(tmp_path, pos, neg))
+    spec = QualityTrainSpec.model_validate({
+        "name": "txt", "out": str(tmp_path / "m"), "fasttext": dict(TINY_FASTTEXT),
+        "positive": [{"path": str(pos), "txt_split": "paragraph"}],
+        "negative": [{"path": str(neg), "txt_split": "paragraph"}]})
+    rep = train_classifier(spec)
+    assert rep["counts"]["read"] == {"positive": 60, "negative": 60}
+    assert rep["heldout"]["roc_auc"] > 0.9

@@ -122,6 +122,8 @@ class TrainSource(BaseModel):
         "auto", description="auto: shards under a curation stage's directory, else by file extension.")
     glob: str = Field("**/*", description="Pattern for files inside a directory path (input files).")
     text_field: str = Field("text", description="JSON/Parquet field holding the text (input files).")
+    txt_split: Literal["file", "paragraph"] = Field(
+        "file", description="Text files: one document per file, or one per paragraph (blank-line separated).")
     max_docs: int | None = Field(None, ge=1, description="Keep at most this many documents: those with the "
                                  "smallest id hash (a uniform sample).")
     domains: list[str] | None = Field(None, description="Shards only: keep documents of these domains.")
@@ -237,7 +239,8 @@ def _is_shards(src: TrainSource) -> bool:
 
 
 def _input_source(src: TrainSource) -> InputSource:
-    return InputSource(path=src.path, domain="train", format=src.format, glob=src.glob, text_field=src.text_field)
+    return InputSource(path=src.path, domain="train", format=src.format, glob=src.glob, text_field=src.text_field,
+                       txt_split=src.txt_split)
 
 
 def _source_files(src: TrainSource) -> list[str]:
