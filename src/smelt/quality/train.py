@@ -32,9 +32,9 @@ ten blocks, one per training thread (``DenseMatrix::uniform``; fastText issue #1
 fewer than ten threads most of the matrix is never written. It used to be zeros; since the
 matrix became an uninitialized ``AlignedVector`` (fastText #1341, Jan 2024, the source of the
 numpy-2 wheels) it is whatever memory the allocator hands back. With one thread 89% of the rows
-stay unwritten (all zeros in a fresh process, where the pages come zeroed from the kernel); in a
-process that reuses memory, 22 of 30 identical one-thread trainings failed with ``Encountered
-NaN`` when this was written (a later session, in fresh processes, saw 0 of 40 fail); with 10
+stay unwritten (all zeros in a fresh process, where the pages come zeroed from the kernel); 22
+of 30 identical one-thread trainings failed with ``Encountered NaN`` when this was written (a
+later session, in fresh processes, saw 0 of 40 fail: it depends on what memory is reused); with 10
 threads the last ``m*n % 10`` values can still be garbage (2 of 20 models had weights above 10);
 with 11 or more every block is written. So fastText always runs at least 11
 Hogwild threads (fastText's own default is 12), and two trainings on the same inputs give
