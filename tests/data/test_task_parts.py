@@ -39,6 +39,24 @@ def jsonl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def compressed(tmp_path_factory, jsonl: Path) -> dict[str, Path]:
+    """The same file as .jsonl.zst and .jsonl.gz, and a .jsonl.zst cut off two thirds in."""
+    import gzip
+
+    import zstandard
+
+    root = tmp_path_factory.mktemp("z")
+    raw = jsonl.read_bytes()
+    out = {"zst": root / "big.jsonl.zst", "gz": root / "big.jsonl.gz", "cut": root / "cut" / "big.jsonl.zst"}
+    out["zst"].write_bytes(zstandard.ZstdCompressor().compress(raw))
+    out["gz"].write_bytes(gzip.compress(raw))
+    out["cut"].parent.mkdir()
+    z = out["zst"].read_bytes()
+    out["cut"].write_bytes(z[: len(z) * 2 // 3])
+    return out
+
+
+@pytest.fixture(scope="module")
 def parquet(tmp_path_factory) -> Path:
     f = tmp_path_factory.mktemp("in") / "big.parquet"
     recs = _records()
@@ -119,3 +137,19 @@ def test_interrupted_parts_resume(tmp_path: Path, jsonl: Path, monkeypatch: pyte
     run_data_stage(r.data, r.run_dir)
     run_data_stage(_recipe(tmp_path / "whole", jsonl, None, workers=1).data, tmp_path / "whole" / "p")
     _compare(tmp_path / "whole", tmp_path / "parts")
+
+
+@pytest.mark.parametrize("kind", ["zst", "gz", "cut"])
+def test_compressed_parts_give_the_same_documents(tmp_path: Path, compressed: dict[str, Path], kind: str) -> None:
+    """Compressed files are split by ranges of their decompressed bytes (each part decompresses from
+    the start and keeps the lines that begin in its range): the same documents and line numbers; a
+    cut-off file reports its damage once, from the part that reaches it."""
+    path = compressed[kind]
+    parted = _recipe(tmp_path / "parts", path, 0.02)
+    plan = plan_tasks(parted.data)
+    assert len(plan.tasks) >= 3 and all(p[3] == -1 for p in plan.parts()) and plan.parts()[-1][2] == -1
+    run_data_stage(_recipe(tmp_path / "whole", path, None).data, tmp_path / "whole" / "p")
+    run_data_stage(parted.data, parted.run_dir)
+    _compare(tmp_path / "whole", tmp_path / "parts")
+    rejects = _documents(tmp_path / "parts" / "p" / "data")["rejects"]
+    assert sum('"read_error": "corrupt_file"' in m for _, _, m in rejects) == (kind == "cut")

@@ -269,9 +269,10 @@ class DataConfig(Strict):
     workers: int = Field(0, ge=0, description="Worker processes; 0 = number of CPU cores.")
     files_per_task: int = Field(1, ge=1, description="Input files grouped into one task (many small .txt files).")
     max_task_mb: float | None = Field(
-        64.0, gt=0, description="Uncompressed local JSON-lines files larger than this are split into line-aligned "
-        "byte ranges and Parquet files into runs of row groups, one task each, so one huge file does not leave "
-        "workers idle; the documents and their order are the same, in more shards. null: one task per file.")
+        64.0, gt=0, description="Local JSON-lines files larger than this (decompressed, estimated for gzip/zstd) "
+        "are split into line-aligned byte ranges and Parquet files into runs of row groups, one task each, so one "
+        "huge file does not leave workers idle; the documents and their order are the same, in more shards. null: "
+        "one task per file.")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     max_doc_chars: int = Field(1_000_000, ge=1, description="Longer documents are rejected at read time (`too_long`).")
     min_doc_chars: int = Field(1, ge=1, description="Shorter documents (after stripping) are rejected as `empty`.")

@@ -39,6 +39,7 @@ extension is ambiguous (``.json``) registers a `detect` function that names the 
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -196,13 +197,20 @@ def stem(path: str) -> str:
     return base if ext in _BY_SUFFIX else name
 
 
+# Decompressed / compressed size assumed when splitting a compressed JSON-lines file (zstd and gzip
+# reach 3-5x on web text; only the number of parts depends on it).
+COMPRESSION_RATIO = 4
+
+
 def split_file(path: str, src: InputSource, max_bytes: int) -> list[tuple[int, int, int]] | None:
     """Parts of one input file of at most about `max_bytes` each, as ``(start, end, records
-    before start)``, or None when it is read whole: small files, compressed or remote ones (no
-    random access), formats other than JSON lines and Parquet, and sources with a `limit`.
+    before start)``, or None when it is read whole: small files, remote ones, formats other than
+    JSON lines and Parquet, and sources with a `limit`.
 
     JSON lines: line-aligned byte ranges (each part starts after a newline), with the number of
     lines before it so that line numbers, and the ids made from them, are those of a whole read.
+    Compressed JSON lines (gzip, zstd): ranges of the decompressed bytes, ``records before = -1``
+    (the part counts the lines it skips; `smelt.data.readers.jsonl.read`), the last one open-ended.
     Parquet: runs of whole row groups by their compressed size, with the rows before them."""
     from smelt.data.fs import local_path
 
@@ -211,15 +219,21 @@ def split_file(path: str, src: InputSource, max_bytes: int) -> list[tuple[int, i
     fmt = src.format if src.format != "auto" else detect_format(path)
     local = local_path(path)
     if fmt == "jsonl":
-        if split_ext(path)[1] is not None:
-            return None
         size = os.path.getsize(local)
+        with open(local, "rb") as fh:
+            head = fh.read(4)
+        if split_ext(path)[1] is not None or head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+            # Compressed: no random access, and the decompressed size is unknown without reading it
+            # all. Assume COMPRESSION_RATIO to choose the number of parts; each part decompresses
+            # the file from its beginning and keeps the lines that start in its decompressed byte
+            # range (the last part: to the end), so a wrong guess changes part sizes, not output.
+            k = math.ceil(size * COMPRESSION_RATIO / max_bytes)
+            if k <= 1:
+                return None
+            return [(i * max_bytes, (i + 1) * max_bytes if i < k - 1 else -1, -1) for i in range(k)]
         if size <= max_bytes:
             return None
         with open(local, "rb") as fh:
-            head = fh.read(4)
-            if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":  # compressed, misnamed
-                return None
             cuts = [0]
             while cuts[-1] + max_bytes < size:
                 fh.seek(cuts[-1] + max_bytes)

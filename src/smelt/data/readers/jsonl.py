@@ -17,18 +17,34 @@ def read(r: FileReader) -> Iterator[Document]:
     blank = 0
     n = 0
     with open_input(r.path) as stream:
-        left = None  # bytes of this part still to read (a part of a split file, `FileReader.part`)
+        # A part of a split file (`FileReader.part`): (start, end, lines before start). A plain file
+        # was cut at line boundaries when planned: seek there, read end - start bytes. A compressed
+        # one (lines before = -1) is decompressed from its beginning; the part owns the lines that
+        # start in [start, end) of the decompressed bytes (end -1: to the end), counting the lines
+        # it skips so that line numbers are the file's.
+        left = None  # bytes of this part still to read (plain files)
+        skip_to, stop_at = 0, -1  # decompressed byte range (compressed files)
+        pos = 0  # decompressed bytes read before the current line
         if r.part is not None:
-            start, end, n = r.part  # n: the lines before the part, so that line numbers are the file's
-            stream.seek(start)
-            left = end - start
+            start, end, before = r.part
+            if before >= 0:
+                n = before
+                stream.seek(start)
+                left = end - start
+            else:
+                skip_to, stop_at = start, end
         try:
             for line in stream:
                 if left is not None:
                     if left <= 0:
                         break
                     left -= len(line)
+                at, pos = pos, pos + len(line)
                 n += 1
+                if at < skip_to:
+                    continue
+                if 0 <= stop_at <= at:
+                    break
                 if line.isspace():
                     blank += 1
                     continue
@@ -61,7 +77,9 @@ def read(r: FileReader) -> Iterator[Document]:
                     continue
                 yield doc
         except CORRUPT_ERRORS as e:
-            yield r.error_doc(n + 1, "corrupt_file", f"{type(e).__name__}: {e}")
+            # only the part whose range holds the damage reports it (a whole read reports it once)
+            if pos >= skip_to and (stop_at < 0 or pos < stop_at):
+                yield r.error_doc(n + 1, "corrupt_file", f"{type(e).__name__}: {e}")
     if blank:
         log.debug("%s: skipped %d blank line(s)", r.path, blank)
         if r.skipped is not None:
