@@ -8,7 +8,7 @@ to `--mb`; the stage runs with the heuristics, language ID, exact and MinHash de
 `--workers`, with `max_task_mb: null` (one task) and with `--part-mb`. Prints wall seconds, docs/s,
 the number of tasks and the ratio, and checks that both runs kept the same documents.
 
-    python bench/task_parts.py [--mb 30] [--part-mb 8] [--workers 2]
+    python bench/task_parts.py [--mb 30] [--part-mb 8] [--workers 2] [--zstd]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=30.0)
     ap.add_argument("--part-mb", type=float, default=8.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--zstd", action="store_true", help="compress the file (.jsonl.zst): parts of decompressed bytes")
     ap.add_argument("--data-dir", type=Path,
                     default=Path(os.environ.get("SMELT_SHARED_DATA", REPO.parent / "shared" / "data")))
     args = ap.parse_args()
@@ -61,7 +62,15 @@ def main() -> int:
                 fh.write(line)
                 size += len(line.encode())
                 n += 1
-        print(f"{big.stat().st_size / 2**20:.1f} MB, {n:,} documents, {args.workers} workers", flush=True)
+        if args.zstd:
+            import zstandard
+
+            packed = big.with_suffix(".jsonl.zst")
+            packed.write_bytes(zstandard.ZstdCompressor(level=3).compress(big.read_bytes()))
+            big.unlink()
+            big = packed
+        print(f"{big.name}: {big.stat().st_size / 2**20:.1f} MB on disk, {n:,} documents, {args.workers} workers",
+              flush=True)
         res = {}
         for label, mb in (("one task", None), (f"parts of {args.part_mb:g} MB", args.part_mb)):
             r = parse_recipe({"name": "b", "runs_dir": str(work / label.replace(" ", "-")), "data": {
