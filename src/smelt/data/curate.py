@@ -562,30 +562,30 @@ def verify_task(v: int, *, data_dir: str, n_tasks: int, n_parts: int, cfg_json: 
 
 
 def _sharded_dedup(cfg: DataConfig, data_dir: Path, n_tasks: int, phase: Callable[..., list[dict[str, Any]]],
-                   exact_on: bool) -> tuple[dict[int, int], dict[int, int]]:
+                   exact_on: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The dedup phase as tasks: hash-partitioned exact dedup, one task per LSH band, Jaccard
     verification by pair shard; only duplicates and candidate pairs (far fewer than documents)
-    come back to the driver. Returns ({dup order: first order} exact, {dup order: root} near),
-    the same decisions as the single-process path."""
-    from smelt.data.dedup.minhash import clusters
+    come back to the driver, as arrays. Returns (exact duplicates' orders, their first orders,
+    near duplicates' orders, their cluster roots), the same decisions as the single-process path."""
+    from smelt.data.dedup.minhash import connected_components
 
     work = data_dir / WORK
     (work / "dedup").mkdir(parents=True, exist_ok=True)
-    exact: dict[int, int] = {}
+    empty = np.zeros(0, np.int64)
+    ex_o, ex_f = empty, empty
     if exact_on:
         phase("exact", functools.partial(sharded_exact_task, data_dir=str(data_dir), n_tasks=n_tasks,
                                          n_parts=DEDUP_PARTITIONS), "exact.done", DEDUP_PARTITIONS)
-        for p in range(DEDUP_PARTITIONS):
-            z = _load_npz(work / "dedup" / f"exact-{p:05d}.npz")
-            exact.update(zip(z["orders"].tolist(), z["first"].tolist()))
-    near: dict[int, int] = {}
+        parts = [_load_npz(work / "dedup" / f"exact-{p:05d}.npz") for p in range(DEDUP_PARTITIONS)]
+        ex_o = np.concatenate([z["orders"] for z in parts]).astype(np.int64)
+        ex_f = np.concatenate([z["first"] for z in parts]).astype(np.int64)
     mh = cfg.dedup.minhash
     if not mh.enabled:
-        return exact, near
+        return ex_o, ex_f, empty, empty
     from smelt.fsutil import atomic_open
 
     with atomic_open(work / "dedup" / "exact.npy", "wb") as f:
-        np.save(f, np.array(sorted(exact), dtype=np.int64))
+        np.save(f, np.sort(ex_o))
     splits = cfg.executor.lsh_splits
     n_lsh = mh.bands * splits
     # The marker directory names the split count: a resume with another count starts LSH afresh.
@@ -603,8 +603,9 @@ def _sharded_dedup(cfg: DataConfig, data_dir: Path, n_tasks: int, phase: Callabl
         # joined, which changes what is checked, not what is connected (verify is a pure function).
         pairs = np.concatenate([np.load(work / "dedup" / f"verified-{v:05d}.npy")
                                 for v in range(DEDUP_PARTITIONS)]).reshape(-1, 2)
-    near = clusters(pairs)
-    return exact, near
+    nodes, roots = connected_components(pairs)  # what `clusters` computes, kept as arrays
+    dup = nodes != roots
+    return ex_o, ex_f, nodes[dup], roots[dup]
 
 
 def dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
@@ -691,21 +692,19 @@ def _finish_dedup(cfg: DataConfig, work: Path, orders: np.ndarray, ids: np.ndarr
 def _sharded_dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
                          phase: Callable[..., list[dict[str, Any]]]) -> dict[str, Any]:
     """`dedup_phase` as tasks, with nothing per document in the driver: the decisions (one row
-    per duplicate) go to ``_work/dedup/decisions-NNNNN.npz`` by the task that holds the document,
-    one `resolve_task` per filter task counts its own documents into the funnel and names the
-    kept documents that live in it, and the driver sums the counts and writes
+    per duplicate, numpy arrays) go to ``_work/dedup/decisions-NNNNN.npz`` by the task that holds
+    the document, one `resolve_task` per filter task counts its own documents into the funnel and
+    names the kept documents that live in it, and the driver sums the counts and writes
     ``_work/dedup.npz`` (one row per duplicate) as the single-process phase does."""
     work = data_dir / WORK
-    exact, near = _sharded_dedup(cfg, data_dir, n_tasks, phase, cfg.dedup.exact.enabled)
-    dup_of: dict[int, tuple[int, int]] = {o: (f, EXACT) for o, f in exact.items()}
-    sizes: Counter = Counter()
-    for o, r in near.items():
-        dup_of[o] = (r, NEAR)
-        sizes[r] += 1
-    cluster_sizes = Counter(n + 1 for n in sizes.values())
-    d_orders = np.array(sorted(dup_of), dtype=np.int64)
-    d_of = np.array([dup_of[o][0] for o in d_orders.tolist()], dtype=np.int64)
-    d_kind = np.array([dup_of[o][1] for o in d_orders.tolist()], dtype=np.int8)
+    ex_o, ex_f, near_o, near_r = _sharded_dedup(cfg, data_dir, n_tasks, phase, cfg.dedup.exact.enabled)
+    _, counts = np.unique(near_r, return_counts=True)
+    cluster_sizes = Counter((counts + 1).tolist())
+    all_o = np.concatenate([ex_o, near_o])
+    order = np.argsort(all_o, kind="stable")
+    d_orders = all_o[order]
+    d_of = np.concatenate([ex_f, near_r])[order]
+    d_kind = np.concatenate([np.full(len(ex_o), EXACT, np.int8), np.full(len(near_o), NEAR, np.int8)])[order]
     # each resolve task gets the decisions about its own documents and the cluster roots it holds
     edges = np.arange(n_tasks + 1, dtype=np.int64) << 32
     cut = np.searchsorted(d_orders, edges)
@@ -717,13 +716,13 @@ def _sharded_dedup_phase(cfg: DataConfig, data_dir: Path, n_tasks: int,
     res = phase("resolve", functools.partial(resolve_task, data_dir=str(data_dir),
                                              minhash=cfg.dedup.minhash.enabled), "resolve.done")
     stats: dict[str, StepStats] = {"exact_dedup": StepStats(), "minhash_dedup": StepStats()}
-    id_of: dict[int, str] = {}
+    root_ids = []
     for t, r in enumerate(res):  # in task order: domains appear as in the single-process count
         for name in stats:
             stats[name].merge(StepStats.from_dict(r[name]))
-        z = _load_npz(work / "dedup" / f"roots-{t:05d}.npz")
-        id_of.update(zip(z["orders"].tolist(), z["ids"].tolist()))
-    d_ids = np.array([id_of[o] for o in d_of.tolist()], dtype=str)
+        root_ids.append(_load_npz(work / "dedup" / f"roots-{t:05d}.npz")["ids"])
+    ids = np.concatenate(root_ids) if root_ids else np.zeros(0, str)  # aligned with `roots` (both by order)
+    d_ids = ids[np.searchsorted(roots, d_of)] if len(d_of) else np.zeros(0, str)
     for t in range(n_tasks):  # what each units/write task reads: its own rows only
         a, b = cut[t], cut[t + 1]
         _save_npz(work / "dedup" / f"final-{t:05d}.npz", orders=d_orders[a:b], dup_of=d_of[a:b], kind=d_kind[a:b],
