@@ -745,23 +745,13 @@ def resolve_task(t: int, *, data_dir: str, minhash: bool) -> dict[str, Any]:
     hit[hit] = d["orders"][idx[hit]] == orders[hit]
     kind = np.full(len(orders), -1, dtype=np.int8)
     kind[hit] = d["kind"][idx[hit]]
+    # the single-process phase's own counting, on this task's documents and decisions
+    dup_of = {o: (-1, k) for o, k in zip(d["orders"].tolist(), d["kind"].tolist())}
     exact_st, near_st = StepStats(), StepStats()
+    _count_dedup(exact_st, z["domains"], orders, z["exact_mask"], dup_of, EXACT, "exact_duplicate")
     alive = z["minhash_mask"] & (kind != EXACT)
-    for dom, m, a, k in zip(z["domains"].tolist(), z["exact_mask"].tolist(), alive.tolist(), kind.tolist()):
-        if m:
-            ds = exact_st.domain(dom)
-            ds.seen += 1
-            if k == EXACT:
-                ds.dropped["exact_duplicate"] += 1
-            else:
-                ds.kept += 1
-        if minhash and a:
-            ds = near_st.domain(dom)
-            ds.seen += 1
-            if k == NEAR:
-                ds.dropped["near_duplicate"] += 1
-            else:
-                ds.kept += 1
+    if minhash:
+        _count_dedup(near_st, z["domains"], orders, alive, dup_of, NEAR, "near_duplicate")
     mine = d["roots"]
     pos = np.searchsorted(orders, mine)  # a task's orders ascend: (task << 32) | position
     _save_npz(work / "dedup" / f"roots-{t:05d}.npz", orders=mine, ids=z["ids"][pos])

@@ -78,13 +78,10 @@ def make_pool(workers: int) -> ProcessPoolExecutor | None:
     return new_pool(workers)
 
 
-def run_tasks(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: Path, workers: int,
-              on_done: ProgressFn | None = None, pool: ProcessPoolExecutor | None = None) -> list[dict[str, Any]]:
-    """Run `fn(i)` for every i in range(n_tasks) not yet marked done; return all results in order.
-
-    `fn` must be picklable (a module-level function or a `functools.partial` of one). With
-    `pool`, tasks run there (and `workers` only decides whether one task runs in-process).
-    """
+def finished_tasks(done_dir: Path, n_tasks: int, on_done: ProgressFn | None = None
+                   ) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The results of tasks already marked done in `done_dir` (reported to `on_done`), and the
+    indices still to run: what every executor does before running anything."""
     done_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[str, Any]] = {}
     todo = []
@@ -96,6 +93,17 @@ def run_tasks(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: Path,
                 on_done(i)
         else:
             todo.append(i)
+    return results, todo
+
+
+def run_tasks(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: Path, workers: int,
+              on_done: ProgressFn | None = None, pool: ProcessPoolExecutor | None = None) -> list[dict[str, Any]]:
+    """Run `fn(i)` for every i in range(n_tasks) not yet marked done; return all results in order.
+
+    `fn` must be picklable (a module-level function or a `functools.partial` of one). With
+    `pool`, tasks run there (and `workers` only decides whether one task runs in-process).
+    """
+    results, todo = finished_tasks(done_dir, n_tasks, on_done)
     if todo:
         log.debug("%s: %d of %d tasks to run", done_dir.name, len(todo), n_tasks)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from smelt.config import ExecutorConfig, RecipeError
-from smelt.data.executor.local import ProgressFn, marker_path
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.data.executor.local import ProgressFn, finished_tasks, marker_path
+from smelt.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,7 @@ def run_tasks_ray(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: P
     ``cfg.max_retries`` retries raises here, after the markers of the tasks that finished."""
     import ray
 
-    done_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[int, dict[str, Any]] = {}
-    todo = []
-    for i in range(n_tasks):
-        m = marker_path(done_dir, i)
-        if m.is_file():
-            results[i] = read_json(m)
-            if on_done:
-                on_done(i)
-        else:
-            todo.append(i)
+    results, todo = finished_tasks(done_dir, n_tasks, on_done)
     if todo:
         options: dict[str, Any] = {"num_cpus": cfg.cpus_per_task, "max_retries": cfg.max_retries,
                                    "retry_exceptions": True}
