@@ -111,11 +111,23 @@ def test_global_batch_must_be_whole_micro_batches():
     assert parse_recipe(BASE, ["train.batch.global_batch=32"]).train.batch.micro_batch == 8
 
 
-def test_runs_dir_must_be_local():
-    for url in ("s3://bucket/runs", "gs://b/r", "hf://datasets/x", "file:///tmp/runs"):
-        with pytest.raises(RecipeError, match=r"runs_dir: must be a local directory, not a URL"):
-            parse_recipe(BASE, [f"runs_dir={url}"])
+def test_runs_dir_urls(tmp_path, monkeypatch):
+    """A runs_dir URL names its filesystem's missing package, or an unknown protocol, at parse time;
+    a known one gives a run URL and a local stage under $SMELT_STAGE_DIR."""
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(RecipeError, match=r"runs_dir: s3://bucket/runs: the s3:// filesystem needs its fsspec "
+                                              r"package, which is not installed \(Install s3fs"):
+            parse_recipe(BASE, ["runs_dir=s3://bucket/runs"])
+    with pytest.raises(RecipeError, match=r"unknown filesystem protocol nope://"):
+        parse_recipe(BASE, ["runs_dir=nope://b/r"])
+    monkeypatch.setenv("SMELT_STAGE_DIR", str(tmp_path))
+    r = parse_recipe(BASE, ["runs_dir=memory://bucket/runs/", "name=x"])
+    assert r.run_url == "memory://bucket/runs/x"
+    assert r.run_dir.name == "x" and r.run_dir.parent.parent == tmp_path
     assert parse_recipe(BASE, ["runs_dir=/tmp/my runs:2"]).runs_dir == "/tmp/my runs:2"
+    assert parse_recipe(BASE, ["runs_dir=/tmp/my runs:2"]).run_url is None
 
 
 def test_ul2_needs_sentinels_in_the_tokenizer():

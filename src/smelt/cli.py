@@ -283,8 +283,12 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
                         force=True)
 
 
-def prepare_run(recipe: Recipe, source: str | None) -> Path:
-    """Create the run directory and write the resolved recipe into it."""
+def prepare_run(recipe: Recipe, source: str | None, stage: str) -> Path:
+    """Create the run directory and write the resolved recipe into it (for a `runs_dir` URL:
+    mirror it to the store, or refuse a `stage` that needs a local one)."""
+    from smelt.run import use_store
+
+    use_store(recipe, [stage])
     return write_resolved_recipe(recipe, source)
 
 
@@ -341,7 +345,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.data is None:
         raise RecipeError(f"{args.recipe}: the recipe has no `data:` section")
-    run_dir = prepare_run(recipe, args.recipe)
+    run_dir = prepare_run(recipe, args.recipe, "data")
     try:
         with RichProgress(not args.quiet) as rp:
             stats = run_data_stage(recipe.data, run_dir, workers=args.workers,
@@ -353,9 +357,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(recipe_path: str, overrides: list[str]) -> tuple[Recipe, Path]:
+def _local_run(recipe: Recipe, stage: str) -> None:
+    """RecipeError when the recipe's run directory is on a store and `stage` needs a local one."""
+    from smelt.run import use_store
+
+    if recipe.run_url is not None:
+        use_store(recipe, [stage])
+
+
+def _load(recipe_path: str, overrides: list[str], stage: str) -> tuple[Recipe, Path]:
     recipe = load_recipe(recipe_path, overrides)
-    return recipe, prepare_run(recipe, recipe_path)
+    return recipe, prepare_run(recipe, recipe_path, stage)
 
 
 def _clean_shards(recipe: Recipe, run_dir: Path, inputs: list[str] | None) -> dict[str, list[Path]]:
@@ -373,7 +385,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         mode, words = "eval", words[1:]
     if len(words) != 1:
         raise RecipeError("usage: smelt tokenizer [eval] RECIPE")
-    recipe, run_dir = _load(words[0], args.overrides)
+    recipe, run_dir = _load(words[0], args.overrides, "tokenizer")
     cfg = recipe.tokenizer or TokenizerConfig()
     shards = _clean_shards(recipe, run_dir, cfg.inputs)
     out = run_dir / "tokenizer"
@@ -402,7 +414,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from smelt.config import PackConfig
     from smelt.tokens.pack import pack_tokens
 
-    recipe, run_dir = _load(args.recipe, args.overrides)
+    recipe, run_dir = _load(args.recipe, args.overrides, "pack")
     cfg = recipe.pack or PackConfig()
     tok = run_dir / "tokenizer" / "tokenizer.json"
     if not tok.is_file():
@@ -424,7 +436,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from smelt.train.stability import TrainingDiverged
     from smelt.train.trainer import train
 
-    recipe, run_dir = _load(args.recipe, args.overrides)
+    recipe, run_dir = _load(args.recipe, args.overrides, "train")
     if not (run_dir / "tokens" / "manifest.json").is_file():
         raise RecipeError(f"{run_dir / 'tokens'} has no manifest (run `smelt pack {args.recipe}` first)")
     try:
@@ -452,6 +464,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # The run's recipe.yaml is not rewritten: it is what the checkpoints' model is rebuilt from.
     recipe = load_recipe(args.recipe, args.overrides)
+    _local_run(recipe, "eval")
     run_dir = recipe.run_dir
     if not run_dir.is_dir():
         raise RecipeError(f"run directory {run_dir} not found (train it first: `smelt train {args.recipe}`)")
@@ -554,6 +567,7 @@ def _recipe_or_run(arg: str, overrides: list[str]) -> tuple[Recipe | None, Path]
     p = Path(arg)
     if p.is_file():
         recipe = load_recipe(p, overrides)
+        _local_run(recipe, "export")
         return recipe, recipe.run_dir
     if not p.is_dir():
         raise RecipeError(f"{p}: no such recipe file or directory")
@@ -688,7 +702,7 @@ def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from smelt.train.stability import TrainingDiverged
 
     try:
-        points = run_sweep(recipe, prepare_run(recipe, args.recipe), source=args.recipe)
+        points = run_sweep(recipe, prepare_run(recipe, args.recipe, "scaling"), source=args.recipe)
     except (DataExhausted, TrainingDiverged) as e:
         print(f"smelt: training stopped: {e}", file=sys.stderr)
         return 1
@@ -737,7 +751,7 @@ def cmd_scaling_check(args: argparse.Namespace) -> int:
     from smelt.train.stability import TrainingDiverged
 
     try:
-        rec = run_check(recipe, prepare_run(recipe, args.recipe), budget, depth=args.depth,
+        rec = run_check(recipe, prepare_run(recipe, args.recipe, "scaling"), budget, depth=args.depth,
                         fit_path=Path(args.fit) if args.fit else None, source=args.recipe)
     except (DataExhausted, TrainingDiverged) as e:
         print(f"smelt: training stopped: {e}", file=sys.stderr)

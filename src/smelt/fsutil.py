@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +46,7 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    committed(path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -62,7 +63,7 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return json.loads(staged(path).read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,12 +78,17 @@ def move_aside(path: str | Path, why: str = "") -> Path | None:
     import logging
 
     path = Path(path)
-    if not path.exists():
+    m = _MIRROR if _MIRROR is not None and _MIRROR.covers(path) else None
+    remote = m is not None and m.fs.exists(m.key(path))
+    if not path.exists() and not remote:
         return None
     n = 1
-    while (dest := path.with_name(f"{path.name}.prev-{n}")).exists():
+    while (dest := path.with_name(f"{path.name}.prev-{n}")).exists() or (remote and m.fs.exists(m.key(dest))):
         n += 1
-    os.replace(path, dest)
+    if remote:  # the store first: a kill between the two leaves the local copy, a cache, to redo
+        m.move(path, dest)
+    if path.exists():
+        os.replace(path, dest)
     logging.getLogger(__name__).warning("%s%smoved the previous %s aside to %s (delete it yourself when it is "
                                         "no longer needed)", why, ": " if why else "", path.name, dest)
     return dest
@@ -153,10 +159,13 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {command or ' '.join(sys.argv)}\n".encode(), 0)
+        remote = _remote_lock(run_dir, command)  # before registering: a refusal leaves nothing held
         _held[key] = (fd, 1)
         try:
             yield run_dir
         finally:
+            if remote is not None:
+                remote()
             del _held[key]
             if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
                 # nothing was written (e.g. a refused import): leave no empty directory behind
@@ -165,6 +174,41 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[Path]:
                     run_dir.rmdir()
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _remote_lock(run_dir: Path, command: str) -> Callable[[], None] | None:
+    """With a mirrored run directory, a lock object on the store (``.smelt.lock``: host, PID,
+    command) that a driver on another machine refuses to run beside; returns its release.
+
+    Object stores have no lock primitive that fsspec exposes on every backend, so this is a lease
+    by convention, not a mutual exclusion: it stops the common mistake (the same job started on two
+    machines), and a driver that died leaves it behind, to be deleted by hand (the message says
+    where). On this machine the local ``flock`` already ruled out a live holder."""
+    import socket
+    import sys
+
+    m = _MIRROR
+    if m is None or not m.covers(run_dir):
+        return None
+    key = m.key(run_dir / LOCK_FILE)
+    host = socket.gethostname()
+    if m.fs.exists(key):
+        holder = m.fs.cat_file(key).decode("utf-8", "replace").strip()
+        h, _, rest = holder.partition(" ")
+        if h != host:
+            pid, _, cmd = rest.partition(" ")
+            raise RunDirLocked(f"{m.url} is in use by smelt on {h} (PID {pid or '?'}: {cmd or 'unknown'}); wait "
+                               f"for it to finish or stop it; if that process is gone, delete {m.url}/{LOCK_FILE} "
+                               "and run again")
+    if url_protocol(m.url) not in OBJECT_STORES:
+        m.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+    m.fs.pipe_file(key, f"{host} {os.getpid()} {command or ' '.join(sys.argv)}\n".encode())
+
+    def release() -> None:
+        with contextlib.suppress(Exception):
+            m.fs.rm(key)
+
+    return release
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,3 +257,276 @@ def locked(command: str, where: Any) -> Any:
         return wrapper
 
     return deco
+
+
+# --------------------------------------------------------------------------------------------
+# run directories on object stores: a local stage, mirrored file by file
+
+
+# Filesystems where one upload is all-or-nothing (a PUT, or a multipart upload that appears only
+# when completed): an object is written in place. Elsewhere (file://, sftp, ...) an upload goes
+# to a temp name first and is renamed, as `atomic_open` does locally.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "hf", "oss", "r2"})
+
+
+def url_protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def stage_root(runs_url: str) -> Path:
+    """The local directory that stands for the remote ``runs_url`` on this machine:
+    ``$SMELT_STAGE_DIR`` (default ``~/.cache/smelt/stage``) / a hash of the URL. The same path on
+    every machine of a cluster that shares the user and the variable, so task plans that name files
+    by path hold on every node."""
+    import hashlib
+
+    base = Path(os.environ.get("SMELT_STAGE_DIR") or Path.home() / ".cache" / "smelt" / "stage")
+    return base / hashlib.sha256(runs_url.rstrip("/").encode()).hexdigest()[:16]
+
+
+class RunMirror:
+    """A run directory at an fsspec URL (``s3://bucket/runs/demo``), worked on through a local
+    copy, the *stage* (`stage_root`): the stages read and write local files as always, and
+
+    * every file committed locally (`atomic_open`, a shard writer's rename) is uploaded at once
+      (`committed`), in the process that wrote it: a task's outputs are on the store before the
+      driver writes that task's completion marker, which is itself uploaded last;
+    * a file a task reads that this machine does not have is downloaded first (`staged`), so a
+      task runs on any node, and a driver on a new machine resumes from the store's markers.
+
+    Each object is written once, whole: one PUT, or temp name + rename off object stores. Nothing
+    on the store is ever half-written, and a task is done only when its marker is there.
+    Picklable (the filesystem object is rebuilt in each process)."""
+
+    def __init__(self, url: str, local: str | Path) -> None:
+        self.url = url.rstrip("/")
+        self.local = Path(local).absolute()
+        self._fs: Any = None
+        self._root = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "local": self.local}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["local"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"RunMirror({self.url!r}, local={str(self.local)!r})"
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            self._fs, self._root = open_filesystem(self.url)
+            self._root = self._root.rstrip("/")
+        return self._fs
+
+    def covers(self, path: str | Path) -> bool:
+        return Path(path).absolute().is_relative_to(self.local)
+
+    def key(self, path: str | Path) -> str:
+        """The store path of a local path under the stage."""
+        _ = self.fs  # sets self._root
+        rel = Path(path).absolute().relative_to(self.local).as_posix()
+        return self._root if rel == "." else f"{self._root}/{rel}"
+
+    def exists(self, path: str | Path) -> bool:
+        return bool(self.fs.exists(self.key(path)))
+
+    def fetch(self, path: str | Path, refresh: bool = False) -> bool:
+        """Make the local copy of `path` (a file) exist when the store has it; True when it does."""
+        path = Path(path)
+        if path.is_file() and not refresh:
+            return True
+        key = self.key(path)
+        try:
+            if not self.fs.isfile(key):
+                return path.is_file()
+        except FileNotFoundError:
+            return path.is_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            self.fs.get_file(key, tmp)
+            os.chmod(tmp, 0o644)
+            self._same_mtime(tmp, key)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def refresh(self, path: str | Path) -> bool:
+        """Make the local copy of `path` what the store holds: downloaded when the store has it,
+        removed when it does not (for the small files that say what is done: manifests, plans)."""
+        path = Path(path)
+        if self.fetch(path, refresh=True) and self.exists(path):
+            return True
+        path.unlink(missing_ok=True)
+        return False
+
+    def upload(self, path: str | Path) -> None:
+        key = self.key(path)
+        fs = self.fs
+        parent = key.rsplit("/", 1)[0]
+        if url_protocol(self.url) in OBJECT_STORES:
+            fs.put_file(str(path), key)
+        else:
+            fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{key.rsplit('/', 1)[-1]}.{os.getpid()}.upload.tmp"
+            try:
+                fs.put_file(str(path), tmp)
+                fs.mv(tmp, key)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    fs.rm(tmp)
+                raise
+        self._same_mtime(path, key)
+
+    def _same_mtime(self, path: str | Path, key: str) -> None:
+        """Give the local copy the object's modification time: stage keys fingerprint inputs by
+        (size, mtime), and then every machine sees the same pair for the same object."""
+        try:
+            ns = int(self.fs.modified(key).timestamp() * 1e9)
+        except (NotImplementedError, AttributeError, OSError, ValueError):
+            return
+        os.utime(path, ns=(ns, ns))
+
+    def files(self, directory: str | Path) -> dict[str, int]:
+        """The store's files under `directory` (a local path): relative POSIX path -> size."""
+        key = self.key(directory)
+        try:
+            found = self.fs.find(key, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for p, info in found.items():
+            p = p.rstrip("/")
+            if info.get("type", "file") == "file" and p.startswith(key + "/"):
+                out[p[len(key) + 1:]] = int(info.get("size") or 0)
+        return out
+
+    def pull(self, directory: str | Path, refresh: bool = False) -> int:
+        """Download the files under `directory` that this machine lacks (every one with
+        `refresh`); returns how many were downloaded. Temp files are never pulled."""
+        directory = Path(directory)
+        n = 0
+        for rel, size in self.files(directory).items():
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            local = directory / rel
+            if refresh or not local.is_file() or local.stat().st_size != size:
+                self.fetch(local, refresh=True)
+                n += 1
+        return n
+
+    def move(self, src: str | Path, dst: str | Path) -> None:
+        """Move a file or directory on the store (an object store copies, then deletes: the copy
+        is complete before anything goes)."""
+        s, d = self.key(src), self.key(dst)
+        if self.fs.exists(s):
+            self.fs.mv(s, d, recursive=True)
+
+    def remove(self, path: str | Path) -> None:
+        """Delete `path` (a file or directory) on the store: only intermediate files of a finished stage."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.key(path), recursive=True)
+
+
+def open_filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of `url`; `RemoteStoreError` naming the package to
+    install when the protocol's filesystem is not installed (s3fs, gcsfs, adlfs, ...)."""
+    try:
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(url)
+    except ImportError as e:
+        raise RemoteStoreError(f"{url}: {e}") from None
+    except ValueError as e:  # unknown protocol
+        raise RemoteStoreError(f"{url}: {e}") from None
+
+
+class RemoteStoreError(RuntimeError):
+    """A remote run directory cannot be used (missing filesystem package, unknown protocol)."""
+
+
+_MIRROR: RunMirror | None = None  # this process's: one run directory per smelt process
+
+
+def active_mirror() -> RunMirror | None:
+    return _MIRROR
+
+
+@contextlib.contextmanager
+def mirroring(mirror: RunMirror | None) -> Iterator[RunMirror | None]:
+    """Mirror the run directory's writes to, and reads from, `mirror` for the duration (None: no-op)."""
+    global _MIRROR
+    before = _MIRROR
+    _MIRROR = mirror if mirror is not None else before
+    try:
+        yield mirror
+    finally:
+        _MIRROR = before
+
+
+def committed(path: str | Path) -> None:
+    """Called by every writer after its local rename: upload the file when a run directory on a
+    store covers it."""
+    m = _MIRROR
+    if m is not None and m.covers(path):
+        m.upload(path)
+
+
+def staged(path: str | Path) -> Path:
+    """`path`, first downloaded from the store when a mirrored run directory covers it and this
+    machine lacks it (a task on another node, a driver resuming on a new machine)."""
+    path = Path(path)
+    m = _MIRROR
+    if m is not None and not path.exists() and m.covers(path):
+        m.fetch(path)
+    return path
+
+
+def pull(directory: str | Path, refresh: bool = False) -> None:
+    """`RunMirror.pull` when a mirrored run directory covers `directory`; else nothing."""
+    m = _MIRROR
+    if m is not None and m.covers(directory):
+        m.pull(directory, refresh=refresh)
+
+
+class Mirrored:
+    """A task function that runs under a mirror in whatever process (or node) it is sent to."""
+
+    def __init__(self, fn: Any, mirror: RunMirror) -> None:
+        self.fn, self.mirror = fn, mirror
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with mirroring(self.mirror):
+            return self.fn(*args, **kwargs)
+
+
+def mirrored(fn: Any) -> Any:
+    """`fn` wrapped in `Mirrored` when this process mirrors a run directory; else `fn` itself."""
+    return Mirrored(fn, _MIRROR) if _MIRROR is not None else fn
+
+
+def remove_path(path: str | Path) -> None:
+    """Delete a file or directory a stage itself wrote and no longer needs (its intermediate
+    ``_work``, a stale marker), here and, when mirrored, on the store."""
+    import shutil
+
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    m = _MIRROR
+    if m is not None and m.covers(path):
+        m.remove(path)
+
+
+def activate_mirror(mirror: RunMirror | None) -> None:
+    """Mirror this whole process's run directory (the CLI, for a `runs_dir` URL)."""
+    global _MIRROR
+    _MIRROR = mirror

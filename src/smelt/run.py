@@ -64,7 +64,17 @@ from smelt.config import (
     recipe_to_dict,
     write_resolved_recipe,
 )
-from smelt.fsutil import atomic_write_json, describe_os_error, read_json, run_lock, set_aside
+from smelt.fsutil import (
+    RemoteStoreError,
+    RunMirror,
+    activate_mirror,
+    atomic_write_json,
+    describe_os_error,
+    read_json,
+    run_lock,
+    set_aside,
+    staged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +132,48 @@ class StageFailed(RuntimeError):
 
 class StageInterrupted(KeyboardInterrupt):
     """A stage stopped cleanly on Ctrl-C (training saved a checkpoint); run.json says "interrupted"."""
+
+
+# --------------------------------------------------------------------------------------------
+# run directories on object stores
+
+# The stages that work on a run directory at an fsspec URL; the others read and write it in ways
+# a local stage cannot mirror file by file (memory-mapped token shards, checkpoints, TensorBoard's
+# appended event files) and need it on a local or shared filesystem.
+STORE_STAGES: tuple[str, ...] = ("data", "tokenizer", "pack")
+
+
+def use_store(recipe: Recipe, stages: list[str] | tuple[str, ...]) -> RunMirror | None:
+    """With `runs_dir` an fsspec URL, mirror this process's run directory (``recipe.run_dir``, the
+    local stage) to ``recipe.run_url`` for `stages`; None for a local `runs_dir`.
+
+    A RecipeError for a stage outside `STORE_STAGES` or a filesystem that cannot be opened. The
+    small files that say what is done are taken from the store, not from this machine's copy, and
+    the tokenizer's and packing's outputs are pulled for the stages that read them."""
+    url = recipe.run_url
+    if url is None:
+        return None
+    other = [s for s in stages if s not in STORE_STAGES]
+    if other:
+        raise RecipeError(f"runs_dir {recipe.runs_dir} is a URL: {', '.join(STORE_STAGES)} run against an object "
+                          f"store, but {', '.join(other)} need(s) a local or shared run directory (copy {url} down "
+                          "and point runs_dir at the copy, or set run.stages to those three)")
+    m = RunMirror(url, recipe.run_dir)
+    try:
+        _ = m.fs
+    except RemoteStoreError as e:
+        raise RecipeError(str(e)) from None
+    activate_mirror(m)
+    run_dir = recipe.run_dir
+    m.refresh(run_dir / "run.json")
+    if "tokenizer" in stages or "pack" in stages:
+        m.pull(run_dir / "tokenizer")
+        m.refresh(run_dir / "tokenizer" / "stats.json")
+    if "pack" in stages:
+        m.pull(run_dir / "tokens")
+        m.refresh(run_dir / "tokens" / "manifest.json")
+    log.info("run directory %s (working copy %s)", url, run_dir)
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +240,9 @@ def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None)
             apply_override(tree, ov)
     elif demo != "off":
         tree.setdefault("run", {})["demo"] = demo
-    run_dir = str(Path(str(tree.get("runs_dir", "runs"))) / str(tree.get("name", "run")))
+    runs_dir, name = str(tree.get("runs_dir", "runs")), str(tree.get("name", "run"))
+    # a runs_dir URL stays a URL (Path would fold "s3://" into "s3:/"): inputs under it are read through fsspec
+    run_dir = f"{runs_dir.rstrip('/')}/{name}" if "://" in runs_dir else str(Path(runs_dir) / name)
     return parse_recipe(_substitute(tree, run_dir))
 
 
@@ -268,7 +322,7 @@ def _shards(ctx: Ctx) -> dict[str, list[Path]]:
 
 def _marker(ctx: Ctx, rel: str, key: str = "complete") -> bool:
     p = ctx.run_dir / rel
-    if not p.is_file():
+    if not staged(p).is_file():
         return False
     if not key:
         return True
@@ -511,6 +565,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
     _check_stage(only, "--only")
     if from_stage and only:
         raise RecipeError("--from and --only exclude each other")
+    use_store(recipe, [s for s in STAGES if s in recipe.run.stages] if only is None else [only])
     with run_lock(recipe.run_dir, "smelt run"):
         return _run_locked(recipe, from_stage, only, progress, source)
 

@@ -136,6 +136,22 @@ def test_ray_output_is_byte_identical_to_local(tmp_path, corpus, cluster, local_
     assert _digest(r.run_dir / "data") == local_digest
 
 
+def test_ray_on_a_store_writes_the_local_bytes(tmp_path, corpus, cluster, local_digest, monkeypatch) -> None:
+    """runs_dir a file:// store: Ray tasks upload their own outputs, and the store holds the local bytes."""
+    from smelt.fsutil import activate_mirror
+    from smelt.run import use_store
+
+    monkeypatch.setenv("SMELT_STAGE_DIR", str(tmp_path / "stage"))
+    r = _recipe(tmp_path, corpus, {"kind": "ray"}, _fault(tmp_path, "raise", once=False))
+    r = r.model_copy(update={"runs_dir": f"file://{tmp_path}/bucket"})
+    try:
+        use_store(r, ["data"])
+        run_data_stage(r.data, r.run_dir)
+    finally:
+        activate_mirror(None)
+    assert _digest(tmp_path / "bucket" / "r" / "data") == local_digest
+
+
 @pytest.mark.parametrize("mode", ["raise", "exit"])
 def test_failed_task_is_retried_and_output_unchanged(tmp_path, corpus, cluster, local_digest, mode) -> None:
     r = _recipe(tmp_path, corpus, {"kind": "ray", "max_retries": 2}, _fault(tmp_path, mode))

@@ -617,7 +617,9 @@ class Recipe(Strict):
     """A whole job. Stages read their own section."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name: the run directory is <runs_dir>/<name>.")
-    runs_dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory).")
+    runs_dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory), "
+                          "or an fsspec URL (s3://bucket/runs, gs://..., file://...): the data, tokenizer and pack "
+                          "stages then work through a local stage ($SMELT_STAGE_DIR) mirrored to the store.")
     seed: int = Field(1234, description="Global seed.")
     data: DataConfig | None = Field(None, description="Curation stage.")
     tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer training stage.")
@@ -633,11 +635,9 @@ class Recipe(Strict):
 
     @field_validator("runs_dir")
     @classmethod
-    def _local_runs_dir(cls, v: str) -> str:
+    def _runs_dir_store(cls, v: str) -> str:
         if _URL_RE.match(v):
-            raise ValueError("must be a local directory, not a URL: run directories on object stores are not "
-                             "supported yet (mount the bucket, e.g. with mountpoint-s3, s3fs-fuse or gcsfuse, and "
-                             "give its path; inputs may be URLs)")
+            check_filesystem(v)
         return v
 
     @model_validator(mode="after")
@@ -656,12 +656,39 @@ class Recipe(Strict):
         return self
 
     @property
+    def run_url(self) -> str | None:
+        """The run directory's URL when `runs_dir` is one (an object store); None when local."""
+        return f"{self.runs_dir.rstrip('/')}/{self.name}" if _URL_RE.match(self.runs_dir) else None
+
+    @property
     def run_dir(self) -> Path:
+        """Where the stages read and write: ``<runs_dir>/<name>``, or for a `run_url` its local
+        stage (`smelt.fsutil.RunMirror`)."""
+        if _URL_RE.match(self.runs_dir):
+            from smelt.fsutil import stage_root
+
+            return stage_root(self.runs_dir) / self.name
         return Path(self.runs_dir) / self.name
 
 
 # An fsspec-style URL (s3://, gs://, hf://, file://, ...): a scheme before "://".
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_filesystem(url: str) -> None:
+    """ValueError naming what to install when `url`'s fsspec filesystem is unknown or its package
+    (s3fs, gcsfs, adlfs, ...) is missing: before any work, not at the first write."""
+    from fsspec.registry import get_filesystem_class
+
+    proto = url.split("://", 1)[0].lower()
+    try:
+        get_filesystem_class(proto)
+    except ImportError as e:
+        raise ValueError(f"{url}: the {proto}:// filesystem needs its fsspec package, which is not installed "
+                         f"({e})") from None
+    except ValueError:
+        raise ValueError(f"{url}: unknown filesystem protocol {proto}:// (fsspec knows s3, gs, az, hf, memory, "
+                         "file, ...)") from None
 
 
 def resolve_model_config(recipe: Recipe, tokens_manifest: dict[str, Any]) -> ModelConfig:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -42,7 +41,17 @@ from smelt.config import DataConfig, RegisteredStepConfig, StepConfig, config_ha
 from smelt.data.document import Document
 from smelt.data.executor.local import default_workers, make_pool, run_tasks
 from smelt.data.pipeline import Step, StepStats, mark_rejected
-from smelt.fsutil import atomic_write_json, locked, move_aside, read_json
+from smelt.fsutil import (
+    active_mirror,
+    atomic_write_json,
+    locked,
+    mirrored,
+    move_aside,
+    pull,
+    read_json,
+    remove_path,
+    staged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +473,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(staged(path), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -489,7 +498,7 @@ DEDUP_PARTITIONS = 16
 
 def _members(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Only the named arrays of an .npz (np.savez stores members uncompressed; the others are not read)."""
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(staged(path), allow_pickle=False) as z:
         return {k: z[k] for k in names}
 
 
@@ -523,7 +532,7 @@ def band_task(i: int, *, data_dir: str, n_tasks: int, bands: int, rows: int, spl
 
     b, part = divmod(i, splits)
     work = Path(data_dir) / WORK
-    exact_dups = np.load(work / "dedup" / "exact.npy")
+    exact_dups = np.load(staged(work / "dedup" / "exact.npy"))
     keys, orders = [], []
     for t in range(n_tasks):
         z = _members(work / "filter" / f"{t:05d}.npz", ("orders", "minhash_mask", "sigs"))
@@ -549,7 +558,7 @@ def verify_task(v: int, *, data_dir: str, n_tasks: int, n_parts: int, cfg_json: 
 
     cfg = DataConfig.model_validate_json(cfg_json)
     work = Path(data_dir) / WORK
-    pairs = np.load(work / "dedup" / "pairs.npy")[v::n_parts]
+    pairs = np.load(staged(work / "dedup" / "pairs.npy"))[v::n_parts]
     texts = _load_texts(work, n_tasks, set(pairs.ravel().tolist()))
     hasher = MinHasher(cfg.dedup.minhash)
     sh = {o: hasher.shingles(t) for o, t in texts.items()}
@@ -591,7 +600,7 @@ def _sharded_dedup(cfg: DataConfig, data_dir: Path, n_tasks: int, phase: Callabl
     # The marker directory names the split count: a resume with another count starts LSH afresh.
     phase("lsh", functools.partial(band_task, data_dir=str(data_dir), n_tasks=n_tasks, bands=mh.bands,
                                    rows=mh.rows, splits=splits), f"lsh-{splits}.done", n_lsh)
-    bands = [np.load(work / "dedup" / f"band-{splits}-{i:05d}.npy") for i in range(n_lsh)]
+    bands = [np.load(staged(work / "dedup" / f"band-{splits}-{i:05d}.npy")) for i in range(n_lsh)]
     pairs = np.unique(np.concatenate(bands), axis=0) if bands else np.zeros((0, 2), np.int64)
     if mh.verify_jaccard is not None and len(pairs):
         with atomic_open(work / "dedup" / "pairs.npy", "wb") as f:
@@ -601,7 +610,7 @@ def _sharded_dedup(cfg: DataConfig, data_dir: Path, n_tasks: int, phase: Callabl
               "verify.done", DEDUP_PARTITIONS)
         # The components of the verified pairs: `clusters` with a verify callback skips pairs already
         # joined, which changes what is checked, not what is connected (verify is a pure function).
-        pairs = np.concatenate([np.load(work / "dedup" / f"verified-{v:05d}.npy")
+        pairs = np.concatenate([np.load(staged(work / "dedup" / f"verified-{v:05d}.npy"))
                                 for v in range(DEDUP_PARTITIONS)]).reshape(-1, 2)
     nodes, roots = connected_components(pairs)  # what `clusters` computes, kept as arrays
     dup = nodes != roots
@@ -781,7 +790,7 @@ def _load_texts(work: Path, n_tasks: int, wanted: set[int]) -> dict[int, str]:
         need = {i for i, o in enumerate(arr) if o in wanted}
         if not need:
             continue
-        for i, doc in enumerate(read_shard(work / "filter" / f"{t:05d}.kept.jsonl.zst")):
+        for i, doc in enumerate(read_shard(staged(work / "filter" / f"{t:05d}.kept.jsonl.zst"))):
             if i in need:
                 out[arr[i]] = doc.text
     return out
@@ -795,7 +804,7 @@ def _dedup_rows(work: Path, ti: int) -> dict[str, np.ndarray]:
     """The duplicate decisions a per-task phase needs: its own task's rows when the sharded dedup
     phase wrote them (``_work/dedup/final-NNNNN.npz``), else every row of ``_work/dedup.npz``."""
     own = work / "dedup" / f"final-{ti:05d}.npz"
-    return _load_npz(own if own.is_file() else work / "dedup.npz")
+    return _load_npz(own if staged(own).is_file() else work / "dedup.npz")
 
 
 def _dup_map(work: Path, ti: int) -> dict[int, tuple[int, str]]:
@@ -814,7 +823,7 @@ def units_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     dups = _dup_map(work, ti)
     hs: list[int] = []
     os_: list[int] = []
-    for o, doc in zip(orders, read_shard(work / "filter" / f"{ti:05d}.kept.jsonl.zst")):
+    for o, doc in zip(orders, read_shard(staged(work / "filter" / f"{ti:05d}.kept.jsonl.zst"))):
         if o in dups or not lc.applies_to(doc.domain):
             continue
         uniq = {h for _, _, h in units(doc.text, lc.mode, lc.min_chars)}
@@ -912,7 +921,7 @@ def write_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     try:
         with ShardWriter(out / "duplicates" / f"part-{ti:05d}{sfx}", fmt) as dw, \
                 ShardWriter(out / "rejects" / f"lines-{ti:05d}{sfx}", fmt) as rw:
-            for o, doc in zip(orders, read_shard(work / "filter" / f"{ti:05d}.kept.jsonl.zst")):
+            for o, doc in zip(orders, read_shard(staged(work / "filter" / f"{ti:05d}.kept.jsonl.zst"))):
                 hit = dups.get(o)
                 if hit is not None:
                     doc.meta["duplicate_of"] = hit[1]
@@ -1034,6 +1043,7 @@ def check_accounting(stats: dict[str, Any], data_dir: Path, fmt: str) -> None:
                             f"{d['rejected']} + duplicates {d['duplicates']}")
     on_disk = {}
     for kind in ("clean", "rejects", "duplicates"):
+        pull(data_dir / kind)  # on a store, shards that tasks wrote on other nodes: counted here as well
         on_disk[kind] = sum(count_shard(f) for f in sorted((data_dir / kind).rglob("*")) if f.is_file())
     doc = stats["documents"]
     for kind, key in (("clean", "kept"), ("rejects", "rejected"), ("duplicates", "duplicates")):
@@ -1061,18 +1071,24 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     """Run (or resume, or skip) curation into ``run_dir/data``; return the stats funnel."""
     progress = progress or Progress()
     data_dir = run_dir / "data"
+    mirror = active_mirror()
+    mirror = mirror if mirror is not None and mirror.covers(data_dir) else None
+    if mirror is not None:  # the store decides what is done, not this machine's copy of it
+        for p in (data_dir / "manifest.json", data_dir / "stats.json", data_dir / WORK / "plan.json"):
+            mirror.refresh(p)
     plan = plan_tasks(cfg)  # input errors surface here, before any work
     key = stage_key(cfg, plan)
     manifest_path = data_dir / "manifest.json"
-    if not force and manifest_path.is_file():
+    if not force and staged(manifest_path).is_file():
         m = read_json(manifest_path)
         if m.get("complete") and m.get("key") == key:
             log.info("data: complete for the same inputs and config, skipping")
             return read_json(data_dir / "stats.json")
     work = data_dir / WORK
     plan_file = work / "plan.json"
-    if force or not plan_file.is_file() or read_json(plan_file).get("key") != key:
-        if data_dir.exists():  # other inputs/config (or --force): keep the earlier output, set aside
+    if force or not staged(plan_file).is_file() or read_json(plan_file).get("key") != key:
+        # other inputs/config (or --force): keep the earlier output, set aside (here and on the store)
+        if data_dir.exists() or (mirror is not None and mirror.exists(data_dir)):
             move_aside(data_dir, "data")
         atomic_write_json(plan_file, {"key": key, **plan.to_dict()})
     _remove_stale_temp_files(data_dir)  # left by a killed run; their content is redone
@@ -1098,6 +1114,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         ts = time.time()
         progress.start(name, n)
         tick = lambda i: progress.advance(name)  # noqa: E731
+        fn = mirrored(fn)  # a run directory on a store: each task reads and writes through it
         if on_ray:
             res = run_tasks_ray(fn, n, work / done, cfg.executor, on_done=tick)
         else:
@@ -1126,7 +1143,7 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         "executor": cfg.executor.kind,
         "output_format": cfg.output_format, "documents": stats["documents"],
         "domains": sorted(stats["by_domain"]), "timings_s": timings})
-    shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
+    remove_path(work)  # after the manifest: a kill here loses nothing
     return stats
 
 
@@ -1142,7 +1159,7 @@ def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_jso
         return build_stats(filter_res, empty, [r["write"] for r in filter_res], step_order)
     ts = time.time()
     dedup_file = work / "dedup_stats.json"
-    if dedup_file.is_file():
+    if staged(dedup_file).is_file():
         dedup_stats = read_json(dedup_file)
     else:
         dedup_stats = dedup_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
@@ -1150,7 +1167,7 @@ def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_jso
     timings["dedup"] = round(time.time() - ts, 3)
     if cfg.dedup.lines.enabled:
         phase("units", functools.partial(units_task, cfg_json=cfg_json, data_dir=str(data_dir)), "units.done")
-        if not (work / "repeated_units.npz").is_file():
+        if not staged(work / "repeated_units.npz").is_file():
             count_units_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
     write_res = phase("write", functools.partial(write_task, cfg_json=cfg_json, data_dir=str(data_dir)),
                       "write.done")
@@ -1166,10 +1183,11 @@ def _remove_stale_temp_files(data_dir: Path) -> None:
 def clean_shard_files(data_dir: Path) -> dict[str, list[Path]]:
     """The kept shards of a completed curation stage, by domain (the next stages' input)."""
     manifest = data_dir / "manifest.json"
-    if not manifest.is_file() or not read_json(manifest).get("complete"):
+    if not staged(manifest).is_file() or not read_json(manifest).get("complete"):
         raise FileNotFoundError(f"{data_dir}: no completed curation stage (run `smelt data` first)")
     out: dict[str, list[Path]] = {}
     clean = data_dir / "clean"
+    pull(clean)  # a run directory on a store: the driver of the next stages reads them here
     for d in sorted(p for p in clean.iterdir() if p.is_dir()) if clean.is_dir() else []:
         files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
         if files:

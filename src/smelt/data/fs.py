@@ -16,6 +16,7 @@ import io
 import os
 import re
 import zlib
+from pathlib import Path
 from typing import IO, Any
 
 import zstandard
@@ -112,6 +113,40 @@ def url_fs(url: str) -> tuple[Any, str]:
                              "package, e.g. s3fs for s3://, gcsfs for gs://)") from None
     except Exception as e:  # noqa: BLE001 - any failure to set up a remote filesystem
         raise remote_error(url, e) from None
+
+
+def local_copy(url: str) -> Path:
+    """A local copy of a remote file or directory (an evaluation set, a model) for code that
+    reads by path: downloaded once into ``$SMELT_STAGE_DIR/downloads`` (default
+    ``~/.cache/smelt/stage``), keyed by URL, size and modification time, and reused after."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    fs, path = url_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: not found") from None
+    except Exception as e:  # noqa: BLE001 - network and credential errors of any fsspec backend
+        raise remote_error(url, e) from None
+    stamp = f"{url}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('created')}"
+    base = Path(os.environ.get("SMELT_STAGE_DIR") or Path.home() / ".cache" / "smelt" / "stage") / "downloads"
+    dest = base / hashlib.sha256(stamp.encode()).hexdigest()[:16] / path.rstrip("/").rsplit("/", 1)[-1]
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    try:
+        target = tmp / dest.name
+        if info.get("type") == "directory":
+            fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
+        else:
+            fs.get_file(path, str(target))
+        os.replace(target, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 # --------------------------------------------------------------------------------------------

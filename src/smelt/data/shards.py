@@ -33,7 +33,7 @@ import zstandard
 
 from smelt.data.document import Document
 from smelt.data.fs import CORRUPT_ERRORS, open_input
-from smelt.fsutil import FSYNC, maybe_fsync
+from smelt.fsutil import FSYNC, committed, maybe_fsync
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class ShardWriter:
             self.abort()
             raise
         self._closed = True
+        committed(self.path)  # uploaded when the run directory is on a store
 
     def abort(self) -> None:
         """Drop the shard: close and delete the temp file; `path` is left untouched."""

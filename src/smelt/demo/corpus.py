@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from smelt.data.synth import generate
-from smelt.fsutil import atomic_write_json, atomic_write_text, read_json
+from smelt.fsutil import atomic_write_json, atomic_write_text, read_json, staged
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def build_corpus(out_dir: Path, size: str = "full", seed: int = 0, force: bool =
     out_dir = Path(out_dir)
     key = corpus_key(size, seed)
     manifest_path = out_dir / "manifest.json"
-    if not force and manifest_path.is_file():
+    if not force and staged(manifest_path).is_file():  # (the store's, for a run directory on one)
         m = read_json(manifest_path)
         if m.get("complete") and m.get("key") == key:
             log.info("demo corpus: %s is complete, reusing it", out_dir)

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from smelt.data.document import Document
 from smelt.data.pipeline import Step
 from smelt.data.steps.registry import StepContext
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.fsutil import atomic_write_json, read_json, staged
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def cutoffs_path(step: str, context: StepContext) -> Path | None:
 def load_cutoffs(step: str, context: StepContext) -> dict[str, dict[str, dict[str, float]]]:
     """The cutoffs `prepare_cutoffs` wrote for `step` ({} when there are none)."""
     path = cutoffs_path(step, context)
-    if path is None or not path.is_file():
+    if path is None or not staged(path).is_file():
         return {}
     return read_json(path)["cutoffs"]
 

@@ -95,7 +95,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -109,7 +108,7 @@ import numpy as np
 import xxhash
 
 from smelt.data.executor.local import default_workers, make_pool, marker_path, run_tasks
-from smelt.fsutil import atomic_open, atomic_write_json, locked, move_aside, read_json
+from smelt.fsutil import atomic_open, atomic_write_json, locked, mirrored, move_aside, read_json, remove_path, staged
 from smelt.tokens.shards import HEADER_BYTES, dtype_for_vocab, open_shard, write_shard
 
 if TYPE_CHECKING:  # workers never import the recipe schema (pydantic: ~0.1 s per process start)
@@ -335,13 +334,13 @@ def _worker_state(work: Path, key: str, parent_pid: int) -> _WorkerState:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if plan["threads"] > 1 else "false")
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(plan["tokenizer"])
+    tok = Tokenizer.from_file(str(staged(plan["tokenizer"])))
     tok.encode_special_tokens = True  # special-token strings in documents are text
     fast = None
     if plan["engine"] == "tiktoken":
         from smelt.tokens.fast_bpe import load_spec
 
-        spec = load_spec(work / "fast_bpe.npz", key)
+        spec = load_spec(staged(work / "fast_bpe.npz"), key)
         if spec is None:
             raise PackError(f"pack: {work}/fast_bpe.npz is missing or belongs to another run")
         fast = _fast_encoder(spec, tok)
@@ -477,6 +476,7 @@ def _encode_task(w: _WorkerState, i: int) -> tuple[dict[str, Any], _Chunk]:
     """Tokenize task `i`; returns its counts (the completion marker's content) and its chunk."""
     t0 = time.perf_counter()
     task = w.tasks[i]
+    staged(task.path)  # a run directory on a store: the curated shard, on whichever node this runs
     engine = "tiktoken" if w.fast is not None else "hf"
     fallback: Counter[str] = Counter()  # this task's own (tasks may run in threads side by side)
     keys: list[int] = []
@@ -545,15 +545,15 @@ def _tokenize_task(i: int, *, work: str, key: str, parent_pid: int) -> dict[str,
 def _chunk_ok(work: Path, i: int, res: dict[str, Any], itemsize: int) -> bool:
     base = chunk_base(work, i)
     try:
-        return (base.with_suffix(".bin").stat().st_size == HEADER_BYTES + res["tokens"] * itemsize
-                and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * res["docs"]
-                and base.with_suffix(".meta.npz").is_file())
+        return (staged(base.with_suffix(".bin")).stat().st_size == HEADER_BYTES + res["tokens"] * itemsize
+                and staged(base.with_suffix(".idx")).stat().st_size == HEADER_BYTES + 8 * res["docs"]
+                and staged(base.with_suffix(".meta.npz")).is_file())
     except OSError:
         return False
 
 
 def _load_meta(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(chunk_base(work, i).with_suffix(".meta.npz")) as z:
+    with np.load(staged(chunk_base(work, i).with_suffix(".meta.npz"))) as z:
         return z["keys"], z["nbytes"]
 
 
@@ -752,15 +752,15 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 def _clear_outputs(out_dir: Path) -> None:
     """Remove what an earlier run with other inputs/config left (only files this stage writes)."""
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    shutil.rmtree(out_dir / WORK, ignore_errors=True)
+    remove_path(out_dir / "manifest.json")
+    remove_path(out_dir / WORK)
     if not out_dir.is_dir():
         return
     for d in out_dir.iterdir():
         if d.is_dir() and d.name != WORK:
             for f in d.iterdir():
                 if f.is_file() and (_SHARD_RE.match(f.name) or (f.name.startswith(".") and f.name.endswith(".tmp"))):
-                    f.unlink()
+                    remove_path(f)
             if not any(d.iterdir()):
                 d.rmdir()
 
@@ -937,6 +937,7 @@ def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_d
         slot_results = _run_checked(phase, functools.partial(_run_slot, fn=fn, order=tuple(order)), n, done_dir,
                                     workers, lambda k, r: ok(order[k], r), progress, pool, ray_cfg=ray_cfg)
         return [slot_results[slot_of[i]] for i in range(n)]
+    fn = mirrored(fn)  # a run directory on a store: each task reads and writes through it
     for attempt in range(2):
         done = 0
 
@@ -959,7 +960,7 @@ def _run_checked(phase: str, fn: Callable[[int], dict[str, Any]], n: int, done_d
             raise PackError(f"pack: {phase}: outputs of tasks {bad[:5]} are missing right after writing them")
         log.warning("pack: %s: %d finished task(s) lost their output; redoing them", phase, len(bad))
         for i in bad:
-            marker_path(done_dir, i).unlink(missing_ok=True)
+            remove_path(marker_path(done_dir, i))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -1009,7 +1010,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
             log.warning("pack: %s: shards listed in the manifest are missing or truncated; packing again", out_dir)
     if read_manifest(out_dir) is not None:  # a complete earlier result (other inputs, or forced): keep it
         move_aside(out_dir, "pack")
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    remove_path(out_dir / "manifest.json")
     work = out_dir / WORK
     plan_file = work / "plan.json"
     n_workers = default_workers(workers if workers is not None else cfg.workers)
@@ -1195,7 +1196,7 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
         "complete": True,
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
-    shutil.rmtree(work, ignore_errors=True)  # after the manifest: a kill here loses nothing
+    remove_path(work)  # after the manifest: a kill here loses nothing
     log.info("pack: %s tokens in %s documents (%s) -> %s in %.1fs", f"{totals['tokens']:,}", f"{totals['docs']:,}",
              ", ".join(f"{k} {v} tasks" for k, v in sorted(used.items())), out_dir, timings["total"])
     return manifest

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smelt.fsutil import atomic_open
+from smelt.fsutil import atomic_open, staged
 
 VERSION = 1
 HEADER_BYTES = 64
@@ -118,7 +118,7 @@ def open_shard(path: str | Path) -> Shard:
     """Memory-map ``<path>.bin`` and ``<path>.idx`` (suffix optional) after checking headers and sizes."""
     path = Path(path)
     base = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
-    bin_p, idx_p = base.with_suffix(".bin"), base.with_suffix(".idx")
+    bin_p, idx_p = staged(base.with_suffix(".bin")), staged(base.with_suffix(".idx"))
     _, width, n_tok, n_doc = _read_header(bin_p, TOK_MAGIC)
     if width not in (2, 4):
         raise ShardFormatError(f"{bin_p}: {width} bytes per token is not supported")

@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from smelt.fsutil import atomic_write_json, read_json
+from smelt.fsutil import atomic_write_json, pull, read_json
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def finished_tasks(done_dir: Path, n_tasks: int, on_done: ProgressFn | None = No
     """The results of tasks already marked done in `done_dir` (reported to `on_done`), and the
     indices still to run: what every executor does before running anything."""
     done_dir.mkdir(parents=True, exist_ok=True)
+    pull(done_dir)  # a run directory on a store: its markers say what is done, not this machine's
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for i in range(n_tasks):

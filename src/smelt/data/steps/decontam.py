@@ -65,11 +65,15 @@ import zstandard
 
 from smelt.config import DecontamConfig, DecontamSource
 from smelt.data.document import Document
+from smelt.data.fs import local_copy
 from smelt.data.pipeline import Filter
 
 # _MULT/_finalize: the polynomial and finalizer of `ngram_hashes`, reused so that the one-pass
 # `window_hashes` stays bit-identical to it (tests/data/test_decontam.py checks).
 from smelt.data.text import _MULT, _finalize, is_cjk_text, ngram_hashes, token_hashes, tokens
+from smelt.fsutil import committed
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 log = logging.getLogger(__name__)
 
@@ -354,10 +358,10 @@ def detect_format(path: str | Path) -> str:
 
 def load_eval_items(source: DecontamSource | str | Path, fmt: str = "auto") -> Iterator[EvalItem]:
     """Items of one evaluation source (a `DecontamSource` or a path with an explicit format)."""
+    raw = source.path if isinstance(source, DecontamSource) else str(source)
     if isinstance(source, DecontamSource):
-        path, fmt = Path(source.path), source.format
-    else:
-        path = Path(source)
+        fmt = source.format
+    path = local_copy(raw) if _URL_RE.match(raw) else Path(raw)  # the loaders read by path
     if not path.exists():
         raise FileNotFoundError(f"evaluation set not found: {path} (data.decontam.sources)")
     if fmt == "auto":
@@ -537,6 +541,7 @@ class DecontamIndex:
             os.replace(tmp, p)
         finally:
             tmp.unlink(missing_ok=True)
+        committed(p)  # uploaded when the run directory is on a store
         return p
 
     @classmethod

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smelt.data.plugins import import_path, load
+from smelt.fsutil import staged
 
 if TYPE_CHECKING:
     from smelt.config import DataConfig
@@ -218,7 +219,7 @@ def _decontam_prepare(cfg: Any, ctx: StepContext) -> None:
     if ctx.work_dir is None:
         return
     path = ctx.work_dir / _DECONTAM_INDEX
-    if not path.is_file():  # a resumed run reuses it
+    if not staged(path).is_file():  # a resumed run reuses it (this machine's, or the store's)
         from smelt.data.steps.decontam import DecontamIndex
 
         DecontamIndex.from_config(cfg).save(path)
@@ -228,7 +229,7 @@ def _decontam(cfg: Any, ctx: StepContext) -> Step:
     from smelt.data.steps.decontam import DecontamFilter, DecontamIndex
 
     index = None
-    if ctx.work_dir is not None and (ctx.work_dir / _DECONTAM_INDEX).is_file():
+    if ctx.work_dir is not None and staged(ctx.work_dir / _DECONTAM_INDEX).is_file():
         index = DecontamIndex.load(ctx.work_dir / _DECONTAM_INDEX)
     return DecontamFilter(cfg, index)
 
