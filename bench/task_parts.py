@@ -6,7 +6,7 @@ ran on one core whatever `workers` said. The file here is built from the shared 
 repeated with fresh ids (and a counter appended, so that exact dedup does not remove the copies)
 to `--mb`; the stage runs with the heuristics, language ID, exact and MinHash dedup, at
 `--workers`, with `max_task_mb: null` (one task) and with `--part-mb`. Prints wall seconds, docs/s,
-the number of tasks and the ratio, and checks that both runs kept the same documents.
+the number of tasks and the ratio, and checks that both runs wrote the same output bytes.
 
     python bench/task_parts.py [--mb 30] [--part-mb 8] [--workers 2] [--zstd]
 """
@@ -80,11 +80,16 @@ def main() -> int:
             stats = run_data_stage(r.data, r.run_dir)
             sec = time.perf_counter() - t0
             tasks = json.loads((r.run_dir / "data" / "manifest.json").read_text())["tasks"]
-            res[label] = (sec, stats["documents"])
+            data = r.run_dir / "data"
+            files = {str(p.relative_to(data)): p.read_bytes() for kind in ("clean", "rejects", "duplicates")
+                     for p in sorted((data / kind).rglob("*")) if p.is_file()}
+            res[label] = (sec, (stats["documents"], files))
             print(f"{label:>18}: {tasks:3d} tasks, {sec:7.1f} s, {n / sec:8,.0f} docs/s, kept "
                   f"{stats['documents']['kept']:,}", flush=True)
         (a, da), (b, db) = res.values()
-        assert da == db, (da, db)
+        assert da[0] == db[0], (da[0], db[0])
+        assert da[1] == db[1], "the shards differ"
+        print(f"output: {len(da[1])} files, byte-identical")
         print(f"ratio (one task / parts): {a / b:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,6 @@
 """`data.max_task_mb`: a big JSON-lines or Parquet file is read as several tasks (line-aligned
-byte ranges, runs of row groups) with the same documents, ids, decisions and order as one task,
-and an interrupted stage resumes part by part."""
+byte ranges, runs of row groups) and written as one task's shards: the same output bytes (the
+same documents, ids, decisions and order), and an interrupted stage resumes part by part."""
 
 from __future__ import annotations
 
@@ -82,9 +82,16 @@ def _documents(data: Path) -> dict[str, list[tuple]]:
     return out
 
 
+def _files(data: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(data)): p.read_bytes() for kind in ("clean", "rejects", "duplicates")
+            for p in sorted((data / kind).rglob("*")) if p.is_file()}
+
+
 def _compare(whole: Path, parts: Path) -> None:
     a, b = _documents(whole / "p" / "data"), _documents(parts / "p" / "data")
     assert a == b and len(a["clean"]) > 100 and a["rejects"] and a["duplicates"]
+    fa, fb = _files(whole / "p" / "data"), _files(parts / "p" / "data")
+    assert sorted(fa) == sorted(fb) and fa == fb  # the same shards, byte for byte
     sa = json.loads((whole / "p" / "data" / "stats.json").read_text())
     sb = json.loads((parts / "p" / "data" / "stats.json").read_text())
     for k in ("documents", "bytes", "chars", "by_domain", "rejects_by_reason", "steps", "minhash_cluster_sizes",
@@ -107,7 +114,7 @@ def test_jsonl_parts_are_line_aligned_and_cover_the_file(tmp_path: Path, jsonl: 
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_parts_give_the_same_documents_as_one_task(tmp_path: Path, jsonl: Path, parquet: Path, fmt: str) -> None:
+def test_parts_give_the_same_bytes_as_one_task(tmp_path: Path, jsonl: Path, parquet: Path, fmt: str) -> None:
     path = jsonl if fmt == "jsonl" else parquet
     parted = _recipe(tmp_path / "parts", path, 0.05)
     assert len(plan_tasks(parted.data).tasks) >= 3
@@ -153,3 +160,37 @@ def test_compressed_parts_give_the_same_documents(tmp_path: Path, compressed: di
     _compare(tmp_path / "whole", tmp_path / "parts")
     rejects = _documents(tmp_path / "parts" / "p" / "data")["rejects"]
     assert sum('"read_error": "corrupt_file"' in m for _, _, m in rejects) == (kind == "cut")
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_a_split_file_among_grouped_files_keeps_the_groups_shards(tmp_path: Path, jsonl: Path, dedup: bool) -> None:
+    """files_per_task: 2 with the big file second of three: the tasks of a group (a small file, then
+    the big file's parts) write the group's shards, byte for byte as without parts; with and
+    without dedup (without, the filter phase writes the final shards of groups that were not split)."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    other = [{"id": d.id, "text": d.text} for d in generate(90, seed=5)]  # not in b.jsonl
+    for name, rows in (("a", other[:30]), ("c", other[30:60]), ("d", other[60:])):
+        (inp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (inp / "b.jsonl").write_bytes(jsonl.read_bytes())
+
+    def recipe(root: Path, mb: float | None):
+        d = {"enabled": dedup}
+        return parse_recipe({"name": "p", "runs_dir": str(root), "data": {
+            "inputs": [{"path": str(inp), "glob": "*.jsonl", "domain": "web"}], "workers": 2, "max_task_mb": mb,
+            "files_per_task": 2, "language": {"allowed": ["en", "zh"]},
+            "dedup": {"exact": d, "minhash": d, "lines": d}}})
+
+    parted = recipe(tmp_path / "parts", 0.05)
+    plan = plan_tasks(parted.data)
+    assert plan.split() and plan.groups[0] == 0 and plan.groups[-1] == 1 and len(plan.tasks) >= 4
+    assert plan.tasks[0] == [0]  # a.jsonl alone, then b.jsonl's parts, all of group 0; then c + d
+    run_data_stage(recipe(tmp_path / "whole", None).data, tmp_path / "whole" / "p")
+    run_data_stage(parted.data, parted.run_dir)
+    fa, fb = _files(tmp_path / "whole" / "p" / "data"), _files(tmp_path / "parts" / "p" / "data")
+    assert sorted(fa) == sorted(fb) and fa == fb
+    assert sorted(k for k in fa if k.startswith("clean/")) == ["clean/web/part-00000.jsonl.zst",
+                                                              "clean/web/part-00001.jsonl.zst"]
+    sa = json.loads((tmp_path / "whole" / "p" / "data" / "stats.json").read_text())
+    sb = json.loads((tmp_path / "parts" / "p" / "data" / "stats.json").read_text())
+    assert sa["documents"] == sb["documents"] and sa["steps"] == sb["steps"]

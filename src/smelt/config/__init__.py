@@ -271,7 +271,8 @@ class DataConfig(Strict):
     max_task_mb: float | None = Field(
         64.0, gt=0, description="Local JSON-lines files larger than this (decompressed, estimated for gzip/zstd) "
         "are split into line-aligned byte ranges and Parquet files into runs of row groups, one task each, so one "
-        "huge file does not leave workers idle; the documents and their order are the same, in more shards. null: "
+        "huge file does not leave workers idle; the parts are written into the shards one task would have written (the "
+        "same output bytes). null: "
         "one task per file.")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     max_doc_chars: int = Field(1_000_000, ge=1, description="Longer documents are rejected at read time (`too_long`).")

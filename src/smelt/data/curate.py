@@ -26,6 +26,7 @@ Layout under ``<run>/data/``: ``clean/<domain>/part-NNNNN.<fmt>``, ``rejects/``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -74,9 +75,17 @@ class Plan:
     # before start] for part of a file split by `max_task_mb` (bytes of a JSON-lines file, row
     # groups of a Parquet file; `smelt.data.readers.base.FileReader.part`)
     tasks: list[list[Any]]
+    # task -> its output index: the task it would be without `max_task_mb` (a group of
+    # `files_per_task` files). The parts of a split file share their file's output index, and
+    # their outputs are written as that one task's shards, with the same bytes.
+    groups: list[int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"files": self.files, "tasks": self.tasks}
+        return {"files": self.files, "tasks": self.tasks, "groups": self.groups}
+
+    def split(self) -> bool:
+        """Whether some output index has several tasks (a file was split into parts)."""
+        return len(set(self.groups)) < len(self.groups)
 
     def parts(self) -> list[list[int]]:
         """The pieces that are parts of files (empty when every task reads whole files)."""
@@ -102,22 +111,26 @@ def plan_tasks(cfg: DataConfig) -> Plan:
             files.append((si, f))
     max_bytes = int(cfg.max_task_mb * 2**20) if cfg.max_task_mb is not None else None
     tasks: list[list[Any]] = []
-    group: list[Any] = []
-    for fi, (si, f) in enumerate(files):
-        parts = split_file(f, cfg.inputs[si], max_bytes) if max_bytes is not None else None
-        if parts is None:
-            group.append(fi)
-            if len(group) == cfg.files_per_task:
-                tasks.append(group)
-                group = []
-            continue
-        if group:
-            tasks.append(group)
-            group = []
-        tasks.extend([[[fi, *p]] for p in parts])
-    if group:
-        tasks.append(group)
-    return Plan(files=files, tasks=tasks)
+    groups: list[int] = []
+    fpt = cfg.files_per_task
+    for g, start in enumerate(range(0, len(files), fpt)):  # the groups of whole files, as without parts
+        run: list[Any] = []
+        for fi in range(start, min(start + fpt, len(files))):
+            si, f = files[fi]
+            parts = split_file(f, cfg.inputs[si], max_bytes) if max_bytes is not None else None
+            if parts is None:
+                run.append(fi)
+                continue
+            if run:
+                tasks.append(run)
+                groups.append(g)
+                run = []
+            tasks.extend([[[fi, *p]] for p in parts])
+            groups.extend([g] * len(parts))
+        if run:
+            tasks.append(run)
+            groups.append(g)
+    return Plan(files=files, tasks=tasks, groups=groups)
 
 
 def _file_fingerprint(path: str) -> list[Any]:
@@ -141,6 +154,7 @@ def stage_key(cfg: DataConfig, plan: Plan) -> str:
     del conf["max_task_mb"]  # only the parts it makes (below) change the tasks
     if plan.parts():
         key["parts"] = plan.parts()
+        key["groups"] = plan.groups
     if not conf["steps"]:
         del conf["steps"]  # the key of a recipe without registered steps is as it always was
     else:
@@ -353,8 +367,14 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
     kept_docs: Counter = Counter()
     kept_bytes: Counter = Counter()
     kept_chars: Counter = Counter()
-    with ShardWriter(out / "rejects" / f"filter-{ti:05d}{shard_suffix(fmt)}", fmt) as rejects, \
-            _KeptSink(out, work, ti, fmt, direct) as kept:
+    g = plan["groups"][ti]
+    alone = plan["groups"].count(g) == 1
+    # A part of a split file leaves its rejects (and, without dedup, its survivors) in _work: the
+    # write phase writes them into its file's own shards, as one task would have.
+    rejects_path = (out / "rejects" / f"filter-{g:05d}{shard_suffix(fmt)}" if alone
+                    else work / f"{ti:05d}.rejects{shard_suffix(fmt)}")
+    direct = direct and alone
+    with ShardWriter(rejects_path, fmt) as rejects, _KeptSink(out, work, ti, g, fmt, direct) as kept:
         buf: list[tuple[int, Document, str | None, str]] = []  # (order, doc, read-level reject reason, file)
 
         def flush() -> None:
@@ -439,11 +459,11 @@ class _KeptSink:
     """Where the filter phase puts survivors: one work shard (dedup follows), or the final
     per-domain clean shards (no dedup configured)."""
 
-    def __init__(self, out: Path, work: Path, ti: int, fmt: str, direct: bool) -> None:
+    def __init__(self, out: Path, work: Path, ti: int, g: int, fmt: str, direct: bool) -> None:
         from smelt.data.shards import ShardWriter, shard_suffix
 
         self._mk = ShardWriter
-        self.out, self.ti, self.fmt, self.direct = out, ti, fmt, direct
+        self.out, self.ti, self.g, self.fmt, self.direct = out, ti, g, fmt, direct
         self.sfx = shard_suffix(fmt)
         self.writers: dict[str, Any] = {}
         if not direct:
@@ -457,7 +477,7 @@ class _KeptSink:
         w = self.writers.get(key)
         if w is None:
             w = self.writers[key] = self._mk(
-                self.out / "clean" / _safe(doc.domain) / f"part-{self.ti:05d}{self.sfx}", self.fmt)
+                self.out / "clean" / _safe(doc.domain) / f"part-{self.g:05d}{self.sfx}", self.fmt)
         w.write(doc)
 
     def __exit__(self, et: Any, e: Any, tb: Any) -> None:
@@ -891,7 +911,13 @@ def sharded_units_task(p: int, *, data_dir: str, n_tasks: int, n_parts: int, max
 # phase 5: write
 
 
-def write_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
+def write_task(g: int, *, cfg_json: str, data_dir: str, groups: tuple[int, ...] | None = None,
+               dedup: bool = True) -> dict[str, Any]:
+    """Write output index `g`: its survivors that are not duplicates (line dedup applied) to
+    ``clean/<domain>/part-g``, its duplicates to ``duplicates/part-g``, the documents line dedup
+    emptied to ``rejects/lines-g``. With `groups` (`Plan.groups`: a file was split into parts),
+    over every task of index `g`, in order, also writing their filter-phase rejects into
+    ``rejects/filter-g``; `dedup` False: no dedup ran (the parts' survivors are written as they are)."""
     from smelt.data.dedup.lines import remove_spans, units
     from smelt.data.shards import ShardWriter, read_shard, shard_suffix
 
@@ -901,67 +927,84 @@ def write_task(ti: int, *, cfg_json: str, data_dir: str) -> dict[str, Any]:
     work = out / WORK
     fmt = cfg.output_format
     sfx = shard_suffix(fmt)
-    orders = _load_npz(work / "filter" / f"{ti:05d}.npz")["orders"].tolist()
-    rows = _dedup_rows(work, ti)
-    dups = {o: (of, i) for o, of, i in zip(rows["orders"].tolist(), rows["dup_of"].tolist(),
-                                           rows["dup_of_id"].tolist())}
-    kinds = dict(zip(rows["orders"].tolist(), rows["kind"].tolist()))
-    use_lines = lc.enabled
-    rep: dict[int, int] = {}
-    if use_lines:
-        z = _load_npz(work / "repeated_units.npz")
-        rep = dict(zip(z["hashes"].tolist(), z["first"].tolist()))
+    members = [g] if groups is None else [t for t, x in enumerate(groups) if x == g]
     line_stats = StepStats()
     kept_bytes: Counter = Counter()
     kept_chars: Counter = Counter()
     kept_docs: Counter = Counter()
     dup_docs: Counter = Counter()
-    writers: dict[str, ShardWriter] = {}
     n_rejects = 0
+    result = {"task": g, "kept_docs": kept_docs, "kept_bytes": kept_bytes, "kept_chars": kept_chars,
+              "duplicates": dup_docs, "line_rejects": 0, "line_dedup": line_stats.to_dict()}
+    if not dedup and len(members) == 1:
+        return {**result, "kept_docs": {}, "kept_bytes": {}, "kept_chars": {}, "duplicates": {}}  # written by filter
+    if len(members) > 1:  # the parts' filter-phase rejects, in order, as one task would have written them
+        with ShardWriter(out / "rejects" / f"filter-{g:05d}{sfx}", fmt) as fw:
+            for ti in members:
+                for doc in read_shard(staged(work / "filter" / f"{ti:05d}.rejects{sfx}")):
+                    fw.write(doc)
+    use_lines = lc.enabled
+    rep: dict[int, int] = {}
+    if use_lines:
+        z = _load_npz(work / "repeated_units.npz")
+        rep = dict(zip(z["hashes"].tolist(), z["first"].tolist()))
+    writers: dict[str, ShardWriter] = {}
     try:
-        with ShardWriter(out / "duplicates" / f"part-{ti:05d}{sfx}", fmt) as dw, \
-                ShardWriter(out / "rejects" / f"lines-{ti:05d}{sfx}", fmt) as rw:
-            for o, doc in zip(orders, read_shard(staged(work / "filter" / f"{ti:05d}.kept.jsonl.zst"))):
-                hit = dups.get(o)
-                if hit is not None:
-                    doc.meta["duplicate_of"] = hit[1]
-                    doc.meta["dedup"] = "exact" if kinds[o] == EXACT else "minhash"
-                    dw.write(doc)
-                    dup_docs[doc.domain] += 1
-                    continue
-                if use_lines and rep and lc.applies_to(doc.domain):
-                    ds = line_stats.domain(doc.domain)
-                    ds.seen += 1
-                    spans = [(s, e) for s, e, h in units(doc.text, lc.mode, lc.min_chars)
-                             if h in rep and not (lc.keep_first and rep[h] == o)]
-                    if spans:
-                        before = len(doc.text)
-                        doc.text = remove_spans(doc.text, spans)
-                        ds.counters["units_removed"] += len(spans)
-                        ds.counters["chars_removed"] += before - len(doc.text)
-                        ds.counters["docs_modified"] += 1
-                    if len(doc.text.strip()) < cfg.min_doc_chars or not doc.text.strip():
-                        ds.dropped["empty_after_line_dedup"] += 1
-                        rw.write(mark_rejected(doc, "line_dedup", "empty_after_line_dedup"))
-                        n_rejects += 1
+        # without dedup there are neither duplicates nor line rejects, and no files for them (as
+        # when the filter phase writes the final shards itself)
+        none = contextlib.nullcontext
+        with (ShardWriter(out / "duplicates" / f"part-{g:05d}{sfx}", fmt) if dedup else none()) as dw, \
+                (ShardWriter(out / "rejects" / f"lines-{g:05d}{sfx}", fmt) if dedup else none()) as rw:
+            for ti in members:
+                orders = _load_npz(work / "filter" / f"{ti:05d}.npz")["orders"].tolist()
+                dups: dict[int, tuple[int, str]] = {}
+                kinds: dict[int, int] = {}
+                if dedup:
+                    rows = _dedup_rows(work, ti)
+                    dups = {o: (of, i) for o, of, i in zip(rows["orders"].tolist(), rows["dup_of"].tolist(),
+                                                           rows["dup_of_id"].tolist())}
+                    kinds = dict(zip(rows["orders"].tolist(), rows["kind"].tolist()))
+                for o, doc in zip(orders, read_shard(staged(work / "filter" / f"{ti:05d}.kept.jsonl.zst"))):
+                    hit = dups.get(o)
+                    if hit is not None:
+                        doc.meta["duplicate_of"] = hit[1]
+                        doc.meta["dedup"] = "exact" if kinds[o] == EXACT else "minhash"
+                        dw.write(doc)
+                        dup_docs[doc.domain] += 1
                         continue
-                    ds.kept += 1
-                w = writers.get(doc.domain)
-                if w is None:
-                    w = writers[doc.domain] = ShardWriter(
-                        out / "clean" / _safe(doc.domain) / f"part-{ti:05d}{sfx}", fmt).__enter__()
-                w.write(doc)
-                b, c = _sizes(doc)
-                kept_bytes[doc.domain] += b
-                kept_chars[doc.domain] += c
-                kept_docs[doc.domain] += 1
+                    if use_lines and rep and lc.applies_to(doc.domain):
+                        ds = line_stats.domain(doc.domain)
+                        ds.seen += 1
+                        spans = [(s, e) for s, e, h in units(doc.text, lc.mode, lc.min_chars)
+                                 if h in rep and not (lc.keep_first and rep[h] == o)]
+                        if spans:
+                            before = len(doc.text)
+                            doc.text = remove_spans(doc.text, spans)
+                            ds.counters["units_removed"] += len(spans)
+                            ds.counters["chars_removed"] += before - len(doc.text)
+                            ds.counters["docs_modified"] += 1
+                        if len(doc.text.strip()) < cfg.min_doc_chars or not doc.text.strip():
+                            ds.dropped["empty_after_line_dedup"] += 1
+                            rw.write(mark_rejected(doc, "line_dedup", "empty_after_line_dedup"))
+                            n_rejects += 1
+                            continue
+                        ds.kept += 1
+                    w = writers.get(doc.domain)
+                    if w is None:
+                        w = writers[doc.domain] = ShardWriter(
+                            out / "clean" / _safe(doc.domain) / f"part-{g:05d}{sfx}", fmt).__enter__()
+                    w.write(doc)
+                    b, c = _sizes(doc)
+                    kept_bytes[doc.domain] += b
+                    kept_chars[doc.domain] += c
+                    kept_docs[doc.domain] += 1
         for w in writers.values():
             w.__exit__(None, None, None)
     except BaseException as e:
         for w in writers.values():
             w.__exit__(type(e), e, e.__traceback__)
         raise
-    return {"task": ti, "kept_docs": dict(kept_docs), "kept_bytes": dict(kept_bytes),
+    return {"task": g, "kept_docs": dict(kept_docs), "kept_bytes": dict(kept_bytes),
             "kept_chars": dict(kept_chars), "duplicates": dict(dup_docs), "line_rejects": n_rejects,
             "line_dedup": line_stats.to_dict()}
 
@@ -1154,23 +1197,33 @@ def _run_phases(cfg: DataConfig, plan: Plan, data_dir: Path, work: Path, cfg_jso
         filter_task, cfg_json=cfg_json, plan=plan.to_dict(), data_dir=str(data_dir),
         registries=registries()), "filter.done")
     step_order = ["read"] + [name for name, _ in pipeline_steps(cfg)]
-    if is_direct(cfg):
-        empty = {"steps": {}, "cluster_sizes": {}}
+    empty = {"steps": {}, "cluster_sizes": {}}
+    split = plan.split()
+    if is_direct(cfg) and not split:
         return build_stats(filter_res, empty, [r["write"] for r in filter_res], step_order)
-    ts = time.time()
-    dedup_file = work / "dedup_stats.json"
-    if staged(dedup_file).is_file():
-        dedup_stats = read_json(dedup_file)
+    if is_direct(cfg):  # no dedup, but parts of split files to write into their file's shards
+        dedup_stats = empty
     else:
-        dedup_stats = dedup_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
-        atomic_write_json(dedup_file, dedup_stats)
-    timings["dedup"] = round(time.time() - ts, 3)
-    if cfg.dedup.lines.enabled:
-        phase("units", functools.partial(units_task, cfg_json=cfg_json, data_dir=str(data_dir)), "units.done")
-        if not staged(work / "repeated_units.npz").is_file():
-            count_units_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
-    write_res = phase("write", functools.partial(write_task, cfg_json=cfg_json, data_dir=str(data_dir)),
-                      "write.done")
+        ts = time.time()
+        dedup_file = work / "dedup_stats.json"
+        if staged(dedup_file).is_file():
+            dedup_stats = read_json(dedup_file)
+        else:
+            dedup_stats = dedup_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
+            atomic_write_json(dedup_file, dedup_stats)
+        timings["dedup"] = round(time.time() - ts, 3)
+        if cfg.dedup.lines.enabled:
+            phase("units", functools.partial(units_task, cfg_json=cfg_json, data_dir=str(data_dir)), "units.done")
+            if not staged(work / "repeated_units.npz").is_file():
+                count_units_phase(cfg, data_dir, n_tasks, phase if sharded_dedup(cfg) else None)
+    if not split:
+        write_res = phase("write", functools.partial(write_task, cfg_json=cfg_json, data_dir=str(data_dir)),
+                          "write.done")
+    else:  # one write task per output index, over the tasks that share it
+        direct_ = [r["write"] for r in filter_res if "write" in r]  # the whole files' tasks, written already
+        write_res = direct_ + phase("write", functools.partial(
+            write_task, cfg_json=cfg_json, data_dir=str(data_dir), groups=tuple(plan.groups), dedup=not is_direct(cfg)),
+            "write-groups.done", plan.groups[-1] + 1)
     return build_stats(filter_res, dedup_stats, write_res, step_order)
 
 

@@ -7,9 +7,11 @@ is the same bytes as with the local executor, a re-run skips tasks that have mar
 driver resumes where it stopped), and Ray's own retries cover a task that raised or whose worker
 process died: a retried task rewrites the same outputs, atomically, before any marker names it.
 
-Where the bytes go: tasks write into the run directory by path, so on a cluster of several
-machines the run directory and inputs must be on storage every node sees at the same path (a
-shared filesystem). ``fn`` is shipped once through the object store (``ray.put``), not once per task.
+Where the bytes go: tasks write into the run directory by path. On a cluster of several machines
+that is either storage every node sees at the same path (a shared filesystem), or a run directory
+on an object store: then ``fn`` arrives wrapped in `smelt.fsutil.Mirrored`, and each task downloads
+what its node lacks and uploads what it writes before it returns. ``fn`` is shipped once through
+Ray's object store (``ray.put``), not once per task.
 
 Ray is an optional dependency (``pip install 'smelt[ray]'``); `check_ray` fails a recipe that
 asks for it, before any work, when it is not installed.
