@@ -468,6 +468,23 @@ def _other_minhash(texts: list[str], hasher: Any, cfg: MinHashConfig, smelt_root
         return {str(i): str(roots.get(i, i)) for i in range(len(texts))}
 
     makers: dict[str, Any] = {}
+    # smelt's own faster family (`dedup.minhash.hash_family: multiply_shift`), from the same hashes
+    from smelt.data.dedup.minhash import MinHasher
+
+    # and, for scale, smelt's own family under another seed: how much borderline decisions move
+    # with nothing but the random draw of the permutations
+    for name, upd in (("smelt_multiply_shift", {"hash_family": "multiply_shift"}), ("smelt_seed2", {"seed": 2})):
+        other = MinHasher(cfg.model_copy(update=upd))
+        other._signatures_from_hashes(hashes[:10])
+        t0 = time.perf_counter()
+        o_sigs = other._signatures_from_hashes(hashes)
+        if name == "smelt_multiply_shift":
+            out["signatures_only_us_per_doc"][name] = round((time.perf_counter() - t0) / len(texts) * 1e6, 1)
+        keys = band_keys(o_sigs, cfg.bands, cfg.rows)
+        orders = np.arange(len(texts), dtype=np.int64)
+        pairs = np.unique(np.concatenate([bucket_pairs(keys[:, b], orders) for b in range(cfg.bands)]), axis=0)
+        ari = adjusted_rand_index(labels(smelt_roots), labels(clusters(pairs)), ids)
+        out[name] = {"candidate_pairs": int(len(pairs)), "ari_vs_smelt": round(ari, 4)}
     try:
         import rensa
 
@@ -849,7 +866,8 @@ def _bench_minhash(corpus: Corpus, docs: list[tuple[str, str, str]], cfg: MinHas
     so = prim["signatures_only_us_per_doc"]
     print(f"     signatures alone under smelt's shingles (us/doc): {so}; decisions vs smelt's (same bands and "
           f"clusters): " + ", ".join(f"{k} ARI {prim[k]['ari_vs_smelt']} ({prim[k]['candidate_pairs']:,} pairs)"
-                                      for k in ("rensa", "datasketch") if isinstance(prim.get(k), dict)), flush=True)
+                                      for k in ("smelt_multiply_shift", "smelt_seed2", "rensa", "datasketch")
+                                      if isinstance(prim.get(k), dict)), flush=True)
 
     n, b = corpus.n_docs, corpus.n_bytes
     runs = []

@@ -86,6 +86,19 @@ def test_signature_matches_exact_modular_reference(hasher):
     assert sig.tolist() == ref
 
 
+def test_multiply_shift_matches_its_wraparound_reference():
+    """((a*x + b) mod 2^64) >> 32 in Python big ints, min over shingles: the shift taken after the
+    minimum (it is monotone) gives the same rows."""
+    h = MinHasher(MinHashConfig(hash_family="multiply_shift"))
+    text = "the quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat " * 3
+    x = [int(v) & 0xFFFFFFFF for v in h.shingles(text)]
+    ref = [min(((a * xi + b) % 2**64) >> 32 for xi in x) for a, b in zip(h.a.tolist(), h.b.tolist(), strict=True)]
+    sig = h.signature(text)
+    assert sig.dtype == np.uint32 and sig.tolist() == ref
+    assert h.signature("").tolist() == [int(SENTINEL)] * CFG.bands * CFG.rows
+    assert h.params_digest.startswith("minhash-ms-14x8-") and h.params_digest != MinHasher(CFG).params_digest
+
+
 def test_permutation_is_exact_at_the_extremes():
     """x = 2^32 - 1 with a close to p overflows uint64 in the naive formula (datatrove's bug)."""
     h = MinHasher(MinHashConfig(bands=1, rows=4))
@@ -197,7 +210,9 @@ def _candidate(hasher: MinHasher, left: list[str], right: list[str]) -> np.ndarr
     return found
 
 
-def test_lsh_recall_and_false_merges_on_planted_pairs(hasher):
+@pytest.mark.parametrize("family", ["mersenne", "multiply_shift"])
+def test_lsh_recall_and_false_merges_on_planted_pairs(family):
+    hasher = MinHasher(MinHashConfig(hash_family=family))
     rng = np.random.default_rng(2024)
     vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(rng.integers(3, 9))))
              for _ in range(20000)]
@@ -220,7 +235,9 @@ def test_lsh_recall_and_false_merges_on_planted_pairs(hasher):
     assert false.sum() == 0
 
 
-def test_mid_similarity_candidates_follow_theory_and_verify_blocks_them(hasher):
+@pytest.mark.parametrize("family", ["mersenne", "multiply_shift"])
+def test_mid_similarity_candidates_follow_theory_and_verify_blocks_them(family):
+    hasher = MinHasher(MinHashConfig(hash_family=family))
     """At 0.4 <= J < 0.5, 14x8 LSH still proposes ~2% of pairs; verification at J >= 0.5 rejects them."""
     rng = np.random.default_rng(7)
     vocab = [f"w{i}x" for i in range(20000)]

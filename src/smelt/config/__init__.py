@@ -209,6 +209,11 @@ class MinHashConfig(StepConfig):
     bands: int = Field(14, ge=1, description="LSH bands.")
     rows: int = Field(8, ge=1, description="Hashes per band.")
     seed: int = Field(1, description="Seed of the hash permutations.")
+    hash_family: Literal["mersenne", "multiply_shift"] = Field(
+        "mersenne", description="The permutations: `mersenne`, (a*x + b) mod (2^61 - 1), datatrove's and datasketch's "
+        "family, exact in 64-bit limbs (~14 array passes each); `multiply_shift`, ((a*x + b) mod 2^64) >> 32, "
+        "Dietzfelbinger's strongly universal family, 2 passes and one shift per document (several times faster; "
+        "other signatures, so other borderline decisions).")
     verify_jaccard: float | None = Field(
         None, ge=0.0, le=1.0, description="If set, only merge candidate pairs whose true shingle Jaccard is at least this "
         "(e.g. 0.5 guarantees no merge below it; 14x8 LSH alone merges ~5% of pairs at 0.5).")
