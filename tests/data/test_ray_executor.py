@@ -4,6 +4,7 @@ them), and a re-run after a failed run resumes from the completion markers."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -218,3 +219,104 @@ def test_pack_on_ray_writes_the_same_shards(tmp_path, cluster, monkeypatch) -> N
     assert on_ray["parallelism"] == "ray" and on_ray["tasks"] == local["tasks"] > 3
     assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local") != {}
     assert on_ray["domains"] == local["domains"]
+
+
+_DRIVER = '''
+import json, os, sys, time
+from pathlib import Path
+from pydantic import BaseModel, ConfigDict
+from smelt.config import parse_recipe
+from smelt.data.curate import run_data_stage
+from smelt.data.pipeline import Filter
+from smelt.data.steps.registry import register_step
+from smelt.data.synth import generate
+
+
+class SlowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float
+
+
+class Slow(Filter):
+    """Keeps every document, slowly: time to kill the driver between tasks."""
+
+    name = "slow"
+
+    def __init__(self, o):
+        super().__init__()
+        self.o = o
+
+    def reject_reason(self, doc):
+        time.sleep(self.o.seconds)
+        return None
+
+
+def build(options, context):
+    return Slow(options)
+
+
+def main():
+    root, kind = Path(sys.argv[1]), sys.argv[2]
+    inp = root / "in"
+    if not inp.exists():
+        inp.mkdir(parents=True)
+        docs = list(generate(320, seed=3))
+        for f in range(8):
+            with open(inp / f"part-{f}.jsonl", "w", encoding="utf-8") as fh:
+                for d in docs[f::8]:
+                    fh.write(json.dumps({"id": d.id, "text": d.text}) + "\\n")
+    register_step("slow", build, options=SlowOptions)
+    here = os.path.dirname(os.path.abspath(__file__))
+    executor = {"kind": kind}
+    if kind == "ray":
+        executor["runtime_env"] = {"env_vars": {"PYTHONPATH": here}}
+    r = parse_recipe({"name": "r", "runs_dir": str(root / kind), "data": {
+        "inputs": [{"path": str(inp), "glob": "*.jsonl", "domain": "web"}], "workers": 2, "executor": executor,
+        "language": {"allowed": ["en", "zh"]}, "dedup": {"minhash": {"enabled": True}, "lines": {"enabled": True}},
+        "steps": [{"name": "slow", "options": {"seconds": 0.02}}]}})
+    run_data_stage(r.data, r.run_dir)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import driver  # registered steps are named by module path: import this file as `driver`
+
+    driver.main()
+'''
+
+
+def test_a_killed_driver_resumes_from_the_markers(tmp_path) -> None:
+    """`kill -9` of the driver (and of the Ray instance it started: its process group) between
+    filter tasks; the re-run runs the unfinished tasks only and writes the local executor's bytes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "driver.py").write_text(_DRIVER, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")])}
+    cmd = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path)]
+    done = tmp_path / "ray" / "r" / "data" / "_work" / "filter.done"
+    p = subprocess.Popen(cmd + ["ray"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None and len(list(done.glob("*.json"))) < 2:
+            time.sleep(0.1)
+        assert p.poll() is None, "the driver finished before it could be killed"
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    data = tmp_path / "ray" / "r" / "data"
+    finished = sorted(m.stem for m in done.glob("*.json"))
+    assert 2 <= len(finished) < 8 and not (data / "manifest.json").exists()
+    # what the finished tasks wrote: the re-run must not write it again
+    written = {f: f.stat().st_mtime_ns for t in finished for f in [data / "rejects" / f"filter-{t}.jsonl.zst"]}
+    subprocess.run(cmd + ["ray"], env=env, check=True, start_new_session=True, capture_output=True)
+    assert json.loads((data / "manifest.json").read_text())["complete"]
+    assert {f: f.stat().st_mtime_ns for f in written} == written
+    subprocess.run(cmd + ["local"], env=env, check=True, capture_output=True)
+    assert _digest(tmp_path / "ray" / "r" / "data") == _digest(tmp_path / "local" / "r" / "data")
+    assert not (tmp_path / "ray" / "r" / "data.prev-1").exists()  # resumed in place, not started over
