@@ -1,9 +1,9 @@
 """Peak memory of the curation stage's dedup phase in the driver, single-process vs sharded.
 
 The single-process phase gathers every document's MinHash signature in the driver; the sharded
-one (`data.executor.sharded_dedup`) runs exact dedup by hash partition, one task per LSH band and
-Jaccard verification by pair shard in the worker pool, and the driver holds only per-document
-orders, ids and masks plus the duplicates and candidate pairs. The corpus is the demo generator's
+one (`data.executor.sharded_dedup`) runs exact dedup by hash partition, one task per LSH band,
+Jaccard verification by pair shard and the connected components by node partition in the worker
+pool, and the driver holds only the duplicates (one row each). The corpus is the demo generator's
 web pages (planted exact and near duplicates), 1x, 4x, 16x as many, each copy generated with its
 own seed and ids, so documents, signatures and candidate pairs all grow with it. Peak =
 tracemalloc's peak of Python and numpy allocations in the driver during the dedup phase (the

@@ -27,7 +27,10 @@ from smelt.data.dedup.minhash import (
     connected_components,
     estimate_jaccard,
     jaccard,
+    large_star,
     lsh_probability,
+    node_partition,
+    small_star,
 )
 
 CFG = MinHashConfig()  # FineWeb defaults: 5-grams, 14 bands x 8 rows
@@ -335,6 +338,47 @@ def test_connected_components_match_union_find_on_random_graphs():
         assert clusters(pairs, verify=lambda a, b: True) == expected
         nodes, roots = connected_components(pairs)
         assert np.all(roots <= nodes)
+
+
+def _star_contraction(pairs: np.ndarray, parts: int) -> tuple[np.ndarray, int]:
+    """Large-star / small-star steps over `parts` node partitions, as the components tasks run
+    them, until both change nothing; returns the final (node, root) edges and the rounds."""
+    recs = np.concatenate([pairs, pairs[:, ::-1]])
+    for rounds in range(1, 200):
+        changed = 0
+        for step in (large_star, small_star):
+            q = node_partition(recs[:, 0], parts)
+            outs = []
+            for p in range(parts):
+                out, c = step(recs[q == p])
+                outs.append(out)
+                changed += c
+            edges = np.concatenate(outs)
+            recs = edges if step is large_star else np.concatenate([edges, edges[:, ::-1]])
+        if not changed:
+            return np.unique(edges, axis=0), rounds
+    raise AssertionError("no convergence")
+
+
+def test_star_contraction_over_partitions_matches_connected_components():
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        n, m = int(rng.integers(2, 300)), int(rng.integers(1, 400))
+        pairs = rng.integers(0, n, size=(m, 2)) * 7 + 3  # sparse orders, self-loops and repeats included
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        if not len(pairs):
+            continue
+        edges, _ = _star_contraction(pairs, int(rng.integers(1, 6)))
+        nodes, roots = connected_components(pairs)
+        dup = nodes != roots
+        assert np.array_equal(edges[:, 0], nodes[dup]) and np.array_equal(edges[:, 1], roots[dup])
+    # a long path in shuffled labels: the slowest shape for star contraction
+    labels = rng.permutation(2001)
+    path = np.stack([labels[:-1], labels[1:]], axis=1)
+    edges, rounds = _star_contraction(path, 4)
+    assert np.array_equal(edges[:, 0], np.setdiff1d(labels, [0])) and (edges[:, 1] == 0).all()
+    assert rounds < 40
+    assert large_star(np.zeros((0, 2), np.int64))[0].shape == (0, 2) == small_star(np.zeros((0, 2), np.int64))[0].shape
 
 
 def test_verify_blocks_pair_and_runs_once_per_distinct_pair():

@@ -297,18 +297,20 @@ def test_a_killed_driver_resumes_from_the_markers(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")])}
     cmd = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path)]
     done = tmp_path / "ray" / "r" / "data" / "_work" / "filter.done"
-    p = subprocess.Popen(cmd + ["ray"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "driver.log", "wb")  # noqa: SIM115 - closed below
+    p = subprocess.Popen(cmd + ["ray"], env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None and len(list(done.glob("*.json"))) < 2:
             time.sleep(0.1)
-        assert p.poll() is None, "the driver finished before it could be killed"
+        assert p.poll() is None, "the driver ended before it could be killed:\n" + \
+            (tmp_path / "driver.log").read_text(errors="replace")[-3000:]
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
+        log.close()
     data = tmp_path / "ray" / "r" / "data"
     finished = sorted(m.stem for m in done.glob("*.json"))
     assert 2 <= len(finished) < 8 and not (data / "manifest.json").exists()

@@ -55,7 +55,8 @@ def test_sharded_dedup_makes_the_same_decisions(tmp_path: Path, corpus: Path, ve
     assert tasks_stats == one_stats
     assert steps["line_dedup"]["counters"]["units_removed"] > 0  # repeated lines were removed
     timings = json.loads((tmp_path / "tasks" / "d" / "data" / "manifest.json").read_text())["timings_s"]
-    assert {"exact", "lsh", "count"} <= set(timings) and ("verify" in timings) == (verify is not None)
+    # the components too run as tasks (Jaccard verification, when set, inside the edges tasks)
+    assert {"exact", "lsh", "edges", "cc-large", "cc-small", "count"} <= set(timings)
 
 
 def test_sharded_dedup_resumes_from_its_markers(tmp_path: Path, corpus: Path, monkeypatch) -> None:
@@ -80,6 +81,32 @@ def test_sharded_dedup_resumes_from_its_markers(tmp_path: Path, corpus: Path, mo
     monkeypatch.setattr(curate, "band_task", real)
     _, resumed = _run(tmp_path / "r", corpus, sharded=True, verify=0.5, workers=1)
     _, straight = _run(tmp_path / "s", corpus, sharded=False, verify=0.5, workers=1)
+    assert resumed == straight
+
+
+def test_components_resume_from_the_step_where_they_were_killed(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    """Killed in the second components step (a small-star), the stage resumes there: the edges
+    and the first step are not redone, and the decisions are the single-process ones."""
+    from smelt.data import curate
+
+    real = curate.cc_task
+    calls: list[tuple[int, int]] = []
+    kill = [True]
+
+    def dies_in_step_2(p: int, **kw):
+        calls.append((kw["step"], p))
+        if kill[0] and kw["step"] == 2 and p == 3:
+            raise KeyboardInterrupt("killed")
+        return real(p, **kw)
+
+    monkeypatch.setattr(curate, "cc_task", dies_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "r", corpus, sharded=True, verify=None, workers=1)
+    calls.clear()
+    kill[0] = False
+    _, resumed = _run(tmp_path / "r", corpus, sharded=True, verify=None, workers=1)
+    assert calls[0] == (2, 3) and all(step >= 2 for step, _ in calls)  # from the killed task on
+    _, straight = _run(tmp_path / "s", corpus, sharded=False, verify=None, workers=1)
     assert resumed == straight
 
 

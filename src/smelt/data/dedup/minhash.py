@@ -67,7 +67,11 @@ __all__ = [
     "connected_components",
     "estimate_jaccard",
     "jaccard",
+    "large_star",
     "lsh_probability",
+    "node_partition",
+    "pair_partition",
+    "small_star",
 ]
 
 log = logging.getLogger(__name__)
@@ -389,6 +393,77 @@ def connected_components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             parent = gp
         u, v = u[cross], v[cross]  # edges already inside one tree stay there
     return nodes, nodes[parent]
+
+
+# ------------------------------------------------------------- components over node partitions
+#
+# The connected components of a pair list too large for one process, as tasks: alternating
+# large-star and small-star steps (Kiveris, Lattanzi, Mirrokni, Rastogi & Vassilvitskii 2014,
+# "Connected Components in MapReduce and Beyond"), each a pure function of the edges incident to
+# one partition of the nodes, until a large-star and the small-star after it change nothing. The
+# edges are then a forest of stars, each node pointing at the smallest node of its component:
+# exactly `connected_components`' (nodes, roots), without any process holding every edge.
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (np.asarray(x, dtype=np.int64).astype(np.uint64) + _GOLDEN) * _MIX1
+        x ^= x >> np.uint64(29)
+        x *= _MIX2
+        return x ^ (x >> np.uint64(32))
+
+
+def node_partition(nodes: np.ndarray, parts: int) -> np.ndarray:
+    """The partition (0..parts-1) of each node (an int64 order): a hash, so partitions are even."""
+    return (_mix(nodes) % np.uint64(parts)).astype(np.int64)
+
+
+def pair_partition(pairs: np.ndarray, parts: int) -> np.ndarray:
+    """The partition of each pair (rows of an (N, 2) int64 array), by both ends."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        h = _mix(pairs[:, 0]) ^ (_mix(pairs[:, 1]) * _MIX2)
+    return (h % np.uint64(parts)).astype(np.int64)
+
+
+def _groups(recs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unique (u, w) records sorted by (u, w), the start of each u's run, and each record's run."""
+    recs = np.unique(np.asarray(recs, dtype=np.int64).reshape(-1, 2), axis=0)
+    recs = recs[recs[:, 0] != recs[:, 1]]
+    u, w = recs[:, 0], recs[:, 1]
+    head = np.ones(len(u), dtype=bool)
+    head[1:] = u[1:] != u[:-1]
+    return u, w, np.flatnonzero(head), np.cumsum(head) - 1
+
+
+def large_star(recs: np.ndarray) -> tuple[np.ndarray, int]:
+    """Large-star over one node partition. `recs`: (u, w) for every edge {u, w} incident to a
+    node u of the partition, keyed by u (both orientations of each edge are written, so every
+    node sees all its neighbours). Each u links its larger neighbours to m(u), the smallest of u
+    and its neighbours. Returns the edges (w, m(u)), w > m(u), deduplicated, and how many of them
+    are new (zero: the step left the edge set as it was)."""
+    u, w, starts, gid = _groups(recs)
+    if not len(u):
+        return np.empty((0, 2), dtype=np.int64), 0
+    m = np.minimum(u[starts], np.minimum.reduceat(w, starts))[gid]
+    up = w > u
+    out = np.unique(np.stack((w[up], m[up]), axis=1), axis=0)
+    return out, int(np.count_nonzero(up & (m < u)))
+
+
+def small_star(recs: np.ndarray) -> tuple[np.ndarray, int]:
+    """Small-star over one node partition. `recs`: (u, w) with w < u, keyed by u (each edge once,
+    at its larger end). Each u and its smaller neighbours are linked to the smallest of them.
+    Returns the edges (x, m), x > m, deduplicated, and how many nodes had more than one smaller
+    neighbour (zero: the step left the edge set as it was)."""
+    u, w, starts, gid = _groups(recs)
+    if not len(u):
+        return np.empty((0, 2), dtype=np.int64), 0
+    m_run = np.minimum.reduceat(w, starts)
+    m = m_run[gid]
+    lower = w != m
+    out = np.concatenate([np.stack((w[lower], m[lower]), axis=1), np.stack((u[starts], m_run), axis=1)])
+    return np.unique(out, axis=0), int(len(u) - len(starts))
 
 
 def clusters(pairs: np.ndarray, verify: Callable[[int, int], bool] | None = None) -> dict[int, int]:

@@ -52,8 +52,12 @@ def ensure_ray(cfg: ExecutorConfig, cpus: int | None = None) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.address is not None:
         kwargs["address"] = cfg.address
-    elif cpus is not None:
-        kwargs["num_cpus"] = cpus
+    else:
+        # a Ray instance of this process's own, even when another one runs on the machine (which
+        # ray.init() without an address would join, refusing num_cpus)
+        kwargs["address"] = "local"
+        if cpus is not None:
+            kwargs["num_cpus"] = cpus
     if cfg.runtime_env:
         kwargs["runtime_env"] = cfg.runtime_env
     try:
