@@ -576,12 +576,17 @@ def minhash_primitives(docs: list[tuple[str, str, str]], cfg: MinHashConfig) -> 
     }
 
 
-def minhash_smelt(corpus: Corpus, verify: float | None, workers: int, work: Path, repeat: int) -> dict[str, Any]:
+def minhash_smelt(corpus: Corpus, verify: float | None, workers: int, work: Path, repeat: int,
+                  sharded: bool = False) -> dict[str, Any]:
+    """smelt's stage with only MinHash on; `sharded`: the dedup phase as tasks (exact, LSH, edges,
+    components steps; `data.executor.sharded_dedup`) in the local pool."""
     from smelt.data.io import read_shard
 
-    tag = f"v{verify}" if verify is not None else "unverified"
+    tag = (f"v{verify}" if verify is not None else "unverified") + ("-sharded" if sharded else "")
     recipe = _recipe(corpus, f"minhash-{tag}-w{workers}", work / "smelt",
                      minhash={"ngram": 5, "bands": 14, "rows": 8, "verify_jaccard": verify})
+    if sharded:
+        recipe.data.executor.sharded_dedup = True
     sec, res = _timed(lambda: _run_smelt(recipe, workers), repeat)
     dup_of: dict[str, str] = {}
     for f in sorted((recipe.run_dir / "data" / "duplicates").rglob("*.jsonl.zst")):
@@ -885,6 +890,16 @@ def _bench_minhash(corpus: Corpus, docs: list[tuple[str, str, str]], cfg: MinHas
             "ratio": round(dt["seconds"] / sv["seconds"], 2),
             "ratio_unverified": round(dt["seconds"] / su["seconds"], 2),
         })
+    # the sharded dedup phase (what Ray runs by default) on the local pool, at the most workers:
+    # its cost at this size, and the same duplicate decisions
+    w = max(workers)
+    sh = minhash_smelt(corpus, cfg.verify_jaccard, w, work, repeat, sharded=True)
+    sv = minhash_smelt(corpus, cfg.verify_jaccard, w, work, 1)
+    res["sharded"] = {"workers": w, "seconds": sh["seconds"], "phases_s": sh["timings"], "removed": sh["removed"],
+                      "same_decisions_as_single_process": sh["labels"] == sv["labels"]}
+    print(f"     sharded dedup phase, w={w}, verify {cfg.verify_jaccard}: {sh['seconds']:.2f} s "
+          f"(single-process {sv['seconds']:.2f} s), phases (s): {sh['timings']}; same decisions: "
+          f"{res['sharded']['same_decisions_as_single_process']}", flush=True)
     res["end_to_end"] = runs
     rows = []
     for r in runs:

@@ -861,8 +861,11 @@ def _load_texts(work: Path, n_tasks: int, wanted: set[int]) -> dict[int, str]:
     from smelt.data.shards import read_shard
 
     out: dict[int, str] = {}
+    holders = {o >> 32 for o in wanted}  # an order is (filter task << 32) | position
     for t in range(n_tasks):
-        arr = _load_npz(work / "filter" / f"{t:05d}.npz")["orders"].tolist()
+        if t not in holders:
+            continue
+        arr = _members(work / "filter" / f"{t:05d}.npz", ("orders",))["orders"].tolist()
         need = {i for i, o in enumerate(arr) if o in wanted}
         if not need:
             continue
