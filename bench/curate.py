@@ -473,12 +473,19 @@ def _other_minhash(texts: list[str], hasher: Any, cfg: MinHashConfig, smelt_root
 
     # and, for scale, smelt's own family under another seed: how much borderline decisions move
     # with nothing but the random draw of the permutations
-    for name, upd in (("smelt_multiply_shift", {"hash_family": "multiply_shift"}), ("smelt_seed2", {"seed": 2})):
+    variants: list[tuple[str, dict[str, Any]]] = [("smelt_multiply_shift", {"hash_family": "multiply_shift"})]
+    try:  # rensa's RMinHash over smelt's own shingle hashes, batched: `hash_family: rensa`
+        import rensa  # noqa: F401
+
+        variants.append(("smelt_rensa", {"hash_family": "rensa"}))
+    except ImportError:
+        pass
+    for name, upd in variants + [("smelt_seed2", {"seed": 2})]:
         other = MinHasher(cfg.model_copy(update=upd))
         other._signatures_from_hashes(hashes[:10])
         t0 = time.perf_counter()
         o_sigs = other._signatures_from_hashes(hashes)
-        if name == "smelt_multiply_shift":
+        if name != "smelt_seed2":
             out["signatures_only_us_per_doc"][name] = round((time.perf_counter() - t0) / len(texts) * 1e6, 1)
         keys = band_keys(o_sigs, cfg.bands, cfg.rows)
         orders = np.arange(len(texts), dtype=np.int64)
@@ -871,7 +878,8 @@ def _bench_minhash(corpus: Corpus, docs: list[tuple[str, str, str]], cfg: MinHas
     so = prim["signatures_only_us_per_doc"]
     print(f"     signatures alone under smelt's shingles (us/doc): {so}; decisions vs smelt's (same bands and "
           f"clusters): " + ", ".join(f"{k} ARI {prim[k]['ari_vs_smelt']} ({prim[k]['candidate_pairs']:,} pairs)"
-                                      for k in ("smelt_multiply_shift", "smelt_seed2", "rensa", "datasketch")
+                                      for k in ("smelt_multiply_shift", "smelt_rensa", "smelt_seed2", "rensa",
+                                                "datasketch")
                                       if isinstance(prim.get(k), dict)), flush=True)
 
     n, b = corpus.n_docs, corpus.n_bytes

@@ -291,24 +291,31 @@ class RunMirror:
     * every file committed locally (`atomic_open`, a shard writer's rename) is uploaded at once
       (`committed`), in the process that wrote it: a task's outputs are on the store before the
       driver writes that task's completion marker, which is itself uploaded last;
-    * a file a task reads that this machine does not have is downloaded first (`staged`), so a
-      task runs on any node, and a driver on a new machine resumes from the store's markers.
+    * a file a task reads is checked against the store first (`staged`): downloaded when this
+      machine lacks it or holds another version (size or modification time differ: a leftover
+      of an earlier run on this node), removed when the store no longer has it. So a task runs on
+      any node, and a driver on a new machine resumes from the store's markers.
 
     Each object is written once, whole: one PUT, or temp name + rename off object stores. Nothing
-    on the store is ever half-written, and a task is done only when its marker is there.
-    Picklable (the filesystem object is rebuilt in each process)."""
+    on the store is ever half-written, and a task is done only when its marker is there. A local
+    copy carries the object's modification time (`_store_us`), which is how versions are told
+    apart; files this process uploaded or verified are remembered and not asked about again.
+    Picklable (the filesystem object is rebuilt in each process; ``memory://`` stores live in one
+    process, so a task sent elsewhere refuses them)."""
 
-    def __init__(self, url: str, local: str | Path) -> None:
+    def __init__(self, url: str, local: str | Path, owner_pid: int | None = None) -> None:
         self.url = url.rstrip("/")
         self.local = Path(local).absolute()
+        self.owner_pid = os.getpid() if owner_pid is None else owner_pid
         self._fs: Any = None
         self._root = ""
+        self._fresh: set[str] = set()  # local paths known to match the store
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "local": self.local}
+        return {"url": self.url, "local": self.local, "owner_pid": self.owner_pid}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["local"])  # type: ignore[misc]
+        self.__init__(state["url"], state["local"], state["owner_pid"])  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"RunMirror({self.url!r}, local={str(self.local)!r})"
@@ -316,6 +323,9 @@ class RunMirror:
     @property
     def fs(self) -> Any:
         if self._fs is None:
+            if url_protocol(self.url) == "memory" and os.getpid() != self.owner_pid:
+                raise RemoteStoreError(f"{self.url}: a memory:// store lives in one process, and this task runs in "
+                                       "another; run with workers: 1 and the local executor, or use a shared store")
             self._fs, self._root = open_filesystem(self.url)
             self._root = self._root.rstrip("/")
         return self._fs
@@ -332,39 +342,58 @@ class RunMirror:
     def exists(self, path: str | Path) -> bool:
         return bool(self.fs.exists(self.key(path)))
 
-    def fetch(self, path: str | Path, refresh: bool = False) -> bool:
-        """Make the local copy of `path` (a file) exist when the store has it; True when it does."""
-        path = Path(path)
-        if path.is_file() and not refresh:
-            return True
-        key = self.key(path)
+    def _info(self, key: str) -> dict[str, Any] | None:
+        """The store's metadata of a file; None when there is none. Any other error (network,
+        credentials, throttling) propagates: a store that cannot answer must not read as empty."""
         try:
-            if not self.fs.isfile(key):
-                return path.is_file()
+            info = self.fs.info(key)
         except FileNotFoundError:
-            return path.is_file()
+            return None
+        return info if info.get("type", "file") == "file" else None
+
+    @staticmethod
+    def _matches(path: Path, info: dict[str, Any]) -> bool:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = _store_us(info)
+        return st.st_size == int(info.get("size") or 0) and (stamp is None or st.st_mtime_ns // 1000 == stamp)
+
+    def fetch(self, path: str | Path, refresh: bool = False) -> bool:
+        """Make the local copy of `path` (a file) the store's: kept when it matches (size and
+        modification time), downloaded when missing or different, removed when the store has no
+        such file. True when the file exists afterwards. `refresh`: download even if it matches."""
+        path = Path(path).absolute()
+        if not refresh and str(path) in self._fresh and path.is_file():
+            return True
+        info = self._info(self.key(path))
+        if info is None:
+            path.unlink(missing_ok=True)  # a leftover: the store is what is true
+            self._fresh.discard(str(path))
+            return False
+        if refresh or not self._matches(path, info):
+            self._download(path, info)
+        self._fresh.add(str(path))
+        return True
+
+    def _download(self, path: Path, info: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            self.fs.get_file(key, tmp)
+            self.fs.get_file(self.key(path), tmp)
             os.chmod(tmp, 0o644)
-            self._same_mtime(tmp, key)
+            _set_mtime(tmp, _store_us(info))
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return True
 
     def refresh(self, path: str | Path) -> bool:
-        """Make the local copy of `path` what the store holds: downloaded when the store has it,
-        removed when it does not (for the small files that say what is done: manifests, plans)."""
-        path = Path(path)
-        if self.fetch(path, refresh=True) and self.exists(path):
-            return True
-        path.unlink(missing_ok=True)
-        return False
+        """`fetch`: for the small files that say what is done (manifests, plans, run state)."""
+        return self.fetch(path)
 
     def upload(self, path: str | Path) -> None:
         key = self.key(path)
@@ -382,19 +411,15 @@ class RunMirror:
                 with contextlib.suppress(Exception):
                     fs.rm(tmp)
                 raise
-        self._same_mtime(path, key)
+        # the local copy takes the object's modification time: stage keys fingerprint files by
+        # (size, mtime), and every machine then sees the same pair for the same object
+        info = self._info(key)
+        if info is not None:
+            _set_mtime(path, _store_us(info))
+            self._fresh.add(str(Path(path).absolute()))
 
-    def _same_mtime(self, path: str | Path, key: str) -> None:
-        """Give the local copy the object's modification time: stage keys fingerprint inputs by
-        (size, mtime), and then every machine sees the same pair for the same object."""
-        try:
-            ns = int(self.fs.modified(key).timestamp() * 1e9)
-        except (NotImplementedError, AttributeError, OSError, ValueError):
-            return
-        os.utime(path, ns=(ns, ns))
-
-    def files(self, directory: str | Path) -> dict[str, int]:
-        """The store's files under `directory` (a local path): relative POSIX path -> size."""
+    def files(self, directory: str | Path) -> dict[str, dict[str, Any]]:
+        """The store's files under `directory` (a local path): relative POSIX path -> metadata."""
         key = self.key(directory)
         try:
             found = self.fs.find(key, detail=True)
@@ -404,21 +429,29 @@ class RunMirror:
         for p, info in found.items():
             p = p.rstrip("/")
             if info.get("type", "file") == "file" and p.startswith(key + "/"):
-                out[p[len(key) + 1:]] = int(info.get("size") or 0)
+                out[p[len(key) + 1:]] = info
         return out
 
     def pull(self, directory: str | Path, refresh: bool = False) -> int:
-        """Download the files under `directory` that this machine lacks (every one with
-        `refresh`); returns how many were downloaded. Temp files are never pulled."""
-        directory = Path(directory)
+        """Make the local `directory` the store's: download the files this machine lacks or holds
+        in another version, remove local files the store does not have (leftovers of an earlier
+        run; temp files are left to their writers). Returns how many were downloaded."""
+        directory = Path(directory).absolute()
+        remote = {rel: info for rel, info in self.files(directory).items()
+                  if not any(part.startswith(".") for part in rel.split("/"))}
         n = 0
-        for rel, size in self.files(directory).items():
-            if any(part.startswith(".") for part in rel.split("/")):
-                continue
+        for rel, info in remote.items():
             local = directory / rel
-            if refresh or not local.is_file() or local.stat().st_size != size:
-                self.fetch(local, refresh=True)
+            if refresh or not self._matches(local, info):
+                self._download(local, info)
                 n += 1
+            self._fresh.add(str(local))
+        if directory.is_dir():
+            for f in directory.rglob("*"):
+                rel = f.relative_to(directory).as_posix()
+                if f.is_file() and rel not in remote and not any(x.startswith(".") for x in rel.split("/")):
+                    f.unlink()
+                    self._fresh.discard(str(f))
         return n
 
     def move(self, src: str | Path, dst: str | Path) -> None:
@@ -427,11 +460,42 @@ class RunMirror:
         s, d = self.key(src), self.key(dst)
         if self.fs.exists(s):
             self.fs.mv(s, d, recursive=True)
+        self._fresh.clear()
 
     def remove(self, path: str | Path) -> None:
         """Delete `path` (a file or directory) on the store: only intermediate files of a finished stage."""
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.key(path), recursive=True)
+        self._fresh.clear()
+
+
+def _store_us(info: dict[str, Any]) -> int | None:
+    """An object's modification time in microseconds from its fsspec metadata (the field differs
+    per backend: ``mtime`` local, ``LastModified`` s3, ``updated`` gcs, ``last_modified`` azure,
+    ``created`` memory); None when the backend gives none (then sizes alone tell versions apart)."""
+    import datetime as dt
+
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            try:
+                v = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(v, dt.datetime):
+            if v.tzinfo is None:
+                v = v.replace(tzinfo=dt.UTC)
+            return int(round(v.timestamp() * 1e6))
+        if isinstance(v, (int, float)):
+            return int(round(float(v) * 1e6))
+    return None
+
+
+def _set_mtime(path: str | Path, us: int | None) -> None:
+    if us is not None:
+        os.utime(path, ns=(us * 1000, us * 1000))
 
 
 def open_filesystem(url: str) -> tuple[Any, str]:
@@ -479,11 +543,12 @@ def committed(path: str | Path) -> None:
 
 
 def staged(path: str | Path) -> Path:
-    """`path`, first downloaded from the store when a mirrored run directory covers it and this
-    machine lacks it (a task on another node, a driver resuming on a new machine)."""
+    """`path`, first made the store's version when a mirrored run directory covers it
+    (`RunMirror.fetch`: a task on another node, a driver resuming on a new machine, a leftover of
+    an earlier run on this one)."""
     path = Path(path)
     m = _MIRROR
-    if m is not None and not path.exists() and m.covers(path):
+    if m is not None and m.covers(path):
         m.fetch(path)
     return path
 

@@ -102,6 +102,20 @@ def test_multiply_shift_matches_its_wraparound_reference():
     assert h.params_digest.startswith("minhash-ms-14x8-") and h.params_digest != MinHasher(CFG).params_digest
 
 
+def test_rensa_family_is_rensa_over_smelts_shingle_hashes():
+    """hash_family rensa: rensa's RMinHash of smelt's own (CJK-aware) shingle hashes, batched; the
+    same rows as rensa's per-set API gives, and SENTINEL rows for documents without shingles."""
+    rensa = pytest.importorskip("rensa")
+    h = MinHasher(MinHashConfig(hash_family="rensa"))
+    texts = ["the quick brown fox jumps over the lazy dog while the cat sleeps", "", "我们今天去北京的天安门广场看升旗"]
+    sigs = h.signatures(texts)
+    ref = rensa.RMinHash.digest_matrix_from_token_hash_sets(
+        [[int(x) for x in h._shingle_hashes(t)] for t in texts[::2]], CFG.bands * CFG.rows, CFG.seed).to_rows()
+    assert sigs.dtype == np.uint32 and sigs[0].tolist() == ref[0] and sigs[2].tolist() == ref[1]
+    assert (sigs[1] == SENTINEL).all() and (h.signature(texts[0]) == sigs[0]).all()
+    assert h.params_digest.startswith("minhash-rensa")
+
+
 def test_permutation_is_exact_at_the_extremes():
     """x = 2^32 - 1 with a close to p overflows uint64 in the naive formula (datatrove's bug)."""
     h = MinHasher(MinHashConfig(bands=1, rows=4))
@@ -213,8 +227,10 @@ def _candidate(hasher: MinHasher, left: list[str], right: list[str]) -> np.ndarr
     return found
 
 
-@pytest.mark.parametrize("family", ["mersenne", "multiply_shift"])
+@pytest.mark.parametrize("family", ["mersenne", "multiply_shift", "rensa"])
 def test_lsh_recall_and_false_merges_on_planted_pairs(family):
+    if family == "rensa":
+        pytest.importorskip("rensa")
     hasher = MinHasher(MinHashConfig(hash_family=family))
     rng = np.random.default_rng(2024)
     vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(rng.integers(3, 9))))
@@ -238,8 +254,10 @@ def test_lsh_recall_and_false_merges_on_planted_pairs(family):
     assert false.sum() == 0
 
 
-@pytest.mark.parametrize("family", ["mersenne", "multiply_shift"])
+@pytest.mark.parametrize("family", ["mersenne", "multiply_shift", "rensa"])
 def test_mid_similarity_candidates_follow_theory_and_verify_blocks_them(family):
+    if family == "rensa":
+        pytest.importorskip("rensa")
     hasher = MinHasher(MinHashConfig(hash_family=family))
     """At 0.4 <= J < 0.5, 14x8 LSH still proposes ~2% of pairs; verification at J >= 0.5 rejects them."""
     rng = np.random.default_rng(7)

@@ -205,3 +205,49 @@ def test_cli_pipeline_on_a_store_and_stages_that_need_a_local_run_dir(tmp_path: 
                                                                   "tokenizer", "tokens"]
     with pytest.raises(RecipeError, match=r"train need\(s\) a local or shared run directory"):
         use_store(parse_recipe({"runs_dir": f"file://{store}"}), ["data", "train"])
+
+
+def test_leftovers_of_an_earlier_run_on_this_machine_are_not_trusted(corpus: Path) -> None:
+    """A machine's stage may hold files of an earlier run that the store has since moved aside or
+    replaced (another machine ran another config): reads take the store's version, and listings
+    drop what the store no longer has."""
+    from smelt.data.curate import clean_shard_files
+    from smelt.fsutil import atomic_write_text, staged
+
+    r = _recipe(f"memory://b-{uuid.uuid4().hex[:8]}/runs", corpus)
+    m = use_store(r, ["data"])
+    curate.run_data_stage(r.data, r.run_dir)
+    data = r.run_dir / "data"
+    shards = clean_shard_files(data)
+    leftover = data / "clean" / "web" / "part-00009.jsonl.zst"
+    leftover.write_bytes(b"an earlier run's shard")
+    assert clean_shard_files(data) == shards and not leftover.exists()
+    # a file another process rewrote on the store: this machine's older copy is replaced on read
+    f = data / "_work" / "x.json"
+    atomic_write_text(f, '"run X"')
+    m.fs.pipe_file(m.key(f), b'"run Y, longer"')
+    activate_mirror(None)
+    use_store(r, ["data"])  # a new process: nothing remembered as verified
+    assert staged(f).read_text() == '"run Y, longer"'
+    m.fs.rm(m.key(f))
+    activate_mirror(None)
+    use_store(r, ["data"])
+    assert not staged(f).exists()  # gone from the store: gone here
+
+
+def test_a_store_that_cannot_answer_is_an_error_not_an_empty_store(tmp_path: Path, monkeypatch) -> None:
+    m = RunMirror(f"memory://b-{uuid.uuid4().hex[:8]}/run", tmp_path / "local")
+
+    def down(path: str, **kw: object) -> dict:
+        raise ConnectionError("503 SlowDown")
+
+    monkeypatch.setattr(m.fs, "info", down)
+    with pytest.raises(ConnectionError, match="SlowDown"):
+        m.fetch(tmp_path / "local" / "data" / "manifest.json")
+
+
+def test_memory_store_refuses_worker_processes(corpus: Path) -> None:
+    r = _recipe(f"memory://b-{uuid.uuid4().hex[:8]}/runs", corpus, workers=2)
+    use_store(r, ["data"])
+    with pytest.raises(RecipeError, match=r"memory:// store lives in this process only"):
+        curate.run_data_stage(r.data, r.run_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smelt.config import parse_recipe
+from smelt.config import RecipeError, parse_recipe
 from smelt.data.curate import run_data_stage
 from smelt.data.dedup.minhash import SENTINEL, band_keys
 from smelt.data.synth import generate
@@ -30,11 +30,12 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _run(root: Path, inp: Path, sharded: bool, verify: float | None, workers: int = 2,
-         lsh_splits: int = 1) -> tuple[dict, dict]:
+         lsh_splits: int = 1, family: str = "mersenne") -> tuple[dict, dict]:
     r = parse_recipe({"name": "d", "runs_dir": str(root), "data": {
         "inputs": [{"path": str(inp), "glob": "*.jsonl", "domain": "web"}], "workers": workers,
         "executor": {"sharded_dedup": sharded, "lsh_splits": lsh_splits}, "language": {"allowed": ["en", "zh"]},
-        "dedup": {"minhash": {"enabled": True, "verify_jaccard": verify}, "lines": {"enabled": True}}}})
+        "dedup": {"minhash": {"enabled": True, "verify_jaccard": verify, "hash_family": family},
+                  "lines": {"enabled": True}}}})
     stats = run_data_stage(r.data, r.run_dir)
     data = r.run_dir / "data"
     digest = {str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -108,6 +109,35 @@ def test_components_resume_from_the_step_where_they_were_killed(tmp_path: Path, 
     assert calls[0] == (2, 3) and all(step >= 2 for step, _ in calls)  # from the killed task on
     _, straight = _run(tmp_path / "s", corpus, sharded=False, verify=None, workers=1)
     assert resumed == straight
+
+
+@pytest.mark.parametrize("family", ["multiply_shift", "rensa"])
+def test_other_hash_families_find_the_planted_duplicates_sharded_or_not(tmp_path: Path, corpus: Path,
+                                                                          family: str) -> None:
+    if family == "rensa":
+        pytest.importorskip("rensa")
+    one_stats, one = _run(tmp_path / "one", corpus, sharded=False, verify=0.5, family=family)
+    _, tasks = _run(tmp_path / "tasks", corpus, sharded=True, verify=0.5, family=family)
+    assert tasks == one
+    steps = {s["name"]: s["total"] for s in one_stats["steps"]}
+    assert steps["minhash_dedup"]["dropped"]["near_duplicate"] > 0
+
+
+def test_rensa_family_without_rensa_is_a_recipe_error(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_rensa(name, *args, **kwargs):
+        if name == "rensa":
+            raise ImportError("No module named 'rensa'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_rensa)
+    with pytest.raises(RecipeError, match=r"data\.dedup\.minhash\.hash_family: rensa needs the rensa package "
+                                          r"\(pip install 'smelt\[rensa\]'\)"):
+        _run(tmp_path / "r", corpus, sharded=False, verify=None, family="rensa")
+    assert not (tmp_path / "r" / "d" / "data").exists()
 
 
 def test_one_band_equals_its_column() -> None:

@@ -209,11 +209,12 @@ class MinHashConfig(StepConfig):
     bands: int = Field(14, ge=1, description="LSH bands.")
     rows: int = Field(8, ge=1, description="Hashes per band.")
     seed: int = Field(1, description="Seed of the hash permutations.")
-    hash_family: Literal["mersenne", "multiply_shift"] = Field(
+    hash_family: Literal["mersenne", "multiply_shift", "rensa"] = Field(
         "mersenne", description="The permutations: `mersenne`, (a*x + b) mod (2^61 - 1), datatrove's and datasketch's "
         "family, exact in 64-bit limbs (~14 array passes each); `multiply_shift`, ((a*x + b) mod 2^64) >> 32, "
-        "Dietzfelbinger's strongly universal family, 2 passes and one shift per document (several times faster; "
-        "other signatures, so other borderline decisions).")
+        "Dietzfelbinger's strongly universal family, 2 passes and one shift per document (several times faster); "
+        "`rensa`, the Rust rensa package's RMinHash over smelt's own shingle hashes (pip install 'smelt[rensa]'; "
+        "faster still). Each family has its own signatures, so its own borderline decisions.")
     verify_jaccard: float | None = Field(
         None, ge=0.0, le=1.0, description="If set, only merge candidate pairs whose true shingle Jaccard is at least this "
         "(e.g. 0.5 guarantees no merge below it; 14x8 LSH alone merges ~5% of pairs at 0.5).")
@@ -249,8 +250,9 @@ class ExecutorConfig(Strict):
         "local", description="local: this machine's process pool (`workers`); ray: one Ray task per curation task "
         "(`pip install 'smelt[ray]'`).")
     address: str | None = Field(
-        None, description="ray: null starts a Ray instance on this machine; `auto` joins the cluster this machine "
-        "belongs to (`ray start`); `ray://host:10001` connects a Ray client. An initialized Ray is used as it is.")
+        None, description="ray: null starts a Ray instance on this machine (or, with RAY_ADDRESS set, as under "
+        "`ray job submit`, joins that cluster); `auto` joins the cluster this machine belongs to (`ray start`); "
+        "`ray://host:10001` connects a Ray client. An initialized Ray is used as it is.")
     cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs reserved per task (`num_cpus`).")
     memory_gb_per_task: float | None = Field(None, gt=0, description="ray: memory reserved per task (scheduling only).")
     max_retries: int = Field(3, ge=0, description="ray: times a task is retried after it raises or its worker dies.")

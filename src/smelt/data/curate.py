@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from smelt.config import DataConfig, RegisteredStepConfig, StepConfig, config_hash, recipe_to_dict
+from smelt.config import DataConfig, RecipeError, RegisteredStepConfig, StepConfig, config_hash, recipe_to_dict
 from smelt.data.document import Document
 from smelt.data.executor.local import default_workers, make_pool, run_tasks
 from smelt.data.pipeline import Step, StepStats, mark_rejected
@@ -99,6 +99,13 @@ def plan_tasks(cfg: DataConfig) -> Plan:
     from smelt.data.steps.registry import check_steps
 
     check_steps(cfg)
+    if cfg.dedup.minhash.enabled and cfg.dedup.minhash.hash_family == "rensa":
+        from smelt.data.dedup.minhash import load_rensa
+
+        try:
+            load_rensa()
+        except ImportError as e:
+            raise RecipeError(f"data.{e}") from None
     if cfg.executor.kind == "ray":
         from smelt.data.executor.ray_tasks import check_ray
 
@@ -155,6 +162,10 @@ def stage_key(cfg: DataConfig, plan: Plan) -> str:
     if plan.parts():
         key["parts"] = plan.parts()
         key["groups"] = plan.groups
+    if cfg.dedup.minhash.enabled and cfg.dedup.minhash.hash_family == "rensa":
+        from smelt.data.dedup.minhash import rensa_version
+
+        key["rensa"] = rensa_version()[1]  # its signatures change with its algorithm version
     if not conf["steps"]:
         del conf["steps"]  # the key of a recipe without registered steps is as it always was
     else:
@@ -376,9 +387,13 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
     direct = direct and alone
     with ShardWriter(rejects_path, fmt) as rejects, _KeptSink(out, work, ti, g, fmt, direct) as kept:
         buf: list[tuple[int, Document, str | None, str]] = []  # (order, doc, read-level reject reason, file)
+        batch_texts: list[str] = []  # this batch's survivors that MinHash applies to
+        n_signed = 0  # documents (survivors) whose signature rows are in `sigs`
+        n_sig = cfg.dedup.minhash.bands * cfg.dedup.minhash.rows
 
         def flush() -> None:
             """Send the buffered documents through the steps, then record them in read order."""
+            nonlocal n_signed
             outcome = _filter_batch([doc for _, doc, r, _ in buf if r is None], p)
             it = iter(outcome)
             for order, doc, reason, path in buf:
@@ -407,9 +422,18 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                 exact.append(exact_key(doc.text) if use_exact else 0)
                 use_mh = p.hasher is not None and cfg.dedup.minhash.applies_to(doc.domain)
                 minhash_mask.append(use_mh)
-                if p.hasher is not None:
-                    sigs.append(p.hasher.signature(doc.text) if use_mh else
-                                np.zeros(cfg.dedup.minhash.bands * cfg.dedup.minhash.rows, dtype=np.uint64))
+                if use_mh:
+                    batch_texts.append(doc.text)
+            if p.hasher is not None and len(minhash_mask) > n_signed:
+                # the batch's signatures in one call: the permutations run on blocks of many
+                # documents' shingles (per document, numpy's per-call cost is most of the time)
+                new = minhash_mask[n_signed:]
+                rows = np.zeros((len(new), n_sig), dtype=np.uint32)
+                if batch_texts:
+                    rows[np.flatnonzero(new)] = p.hasher.signatures(batch_texts)
+                sigs.append(rows)
+            n_signed = len(minhash_mask)
+            batch_texts.clear()
             buf.clear()
 
         buf_chars = 0
@@ -440,8 +464,7 @@ def filter_task(ti: int, *, cfg_json: str, plan: dict[str, Any], data_dir: str,
                            "kept_chars": dict(kept_chars), "duplicates": {}, "line_rejects": 0,
                            "line_dedup": StepStats().to_dict()}
         return result
-    n_sig = cfg.dedup.minhash.bands * cfg.dedup.minhash.rows
-    sig_arr = np.stack(sigs) if sigs else np.zeros((0, n_sig), dtype=np.uint64)
+    sig_arr = np.concatenate(sigs) if sigs else np.zeros((0, n_sig), dtype=np.uint32)
     _save_npz(work / f"{ti:05d}.npz", orders=np.array(orders, dtype=np.int64),
               exact=np.array(exact, dtype=np.uint64), exact_mask=np.array(exact_mask, dtype=bool),
               minhash_mask=np.array(minhash_mask, dtype=bool), sigs=sig_arr,
@@ -1195,6 +1218,10 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
         atomic_write_json(plan_file, {"key": key, **plan.to_dict()})
     _remove_stale_temp_files(data_dir)  # left by a killed run; their content is redone
     n_workers = default_workers(workers if workers is not None else cfg.workers)
+    if mirror is not None and mirror.url.startswith("memory://") and (n_workers > 1 or cfg.executor.kind == "ray"):
+        raise RecipeError(f"runs_dir {mirror.url}: a memory:// store lives in this process only, so its tasks "
+                          "cannot run in worker processes; use workers: 1 with the local executor (tests), or a "
+                          "store every process reaches")
     t0 = time.time()
     timings: dict[str, float] = {}
     cfg_json = cfg.model_dump_json()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -117,6 +118,8 @@ class MinHasher:
         b = rng.integers(0, MERSENNE_PRIME, size=self.num_perm, dtype=np.uint64)
         self.a, self.b = a, b
         self.family = cfg.hash_family
+        if self.family == "rensa":
+            self._rensa = load_rensa()
         if self.family == "multiply_shift":  # its own draws: a, b uniform over all of uint64
             ms = np.random.default_rng([cfg.seed, 0x6D73])
             self.a = ms.integers(0, 2**64, size=self.num_perm, dtype=np.uint64, endpoint=False)
@@ -137,7 +140,7 @@ class MinHasher:
         computed under another numpy must not be mixed with these. Compare this digest.
         """
         h = hashlib.sha256(self.a.tobytes() + self.b.tobytes()).hexdigest()[:16]
-        family = "" if self.family == "mersenne" else "ms-"
+        family = {"mersenne": "", "multiply_shift": "ms-"}.get(self.family) or f"rensa{rensa_version()[1]}-"
         return f"minhash-{family}{self.cfg.bands}x{self.cfg.rows}-{h}"
 
     # ---------------------------------------------------------------------------- shingles
@@ -195,8 +198,15 @@ class MinHasher:
     def _signatures_from_hashes(self, hashes: Sequence[np.ndarray]) -> np.ndarray:
         """MinHash of each shingle-hash array; rows of empty arrays are SENTINEL."""
         n, k = len(hashes), self.num_perm
-        sig = np.full((n, k), np.iinfo(np.uint64).max, dtype=np.uint64)
         lengths = np.fromiter((h.size for h in hashes), dtype=np.int64, count=n)
+        if self.family == "rensa":  # one call for the batch; a document without shingles is all SENTINEL
+            flat = np.concatenate([np.asarray(h, dtype=np.uint64) for h in hashes]) if n else np.zeros(0, np.uint64)
+            offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.uint64)
+            m = self._rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, k, self.cfg.seed)
+            res = np.array(m.to_rows(), dtype=np.uint32).reshape(n, k)
+            res[lengths == 0] = SENTINEL
+            return res
+        sig = np.full((n, k), np.iinfo(np.uint64).max, dtype=np.uint64)
         total = int(lengths.sum())
         if total:
             x = np.concatenate([h for h in hashes if h.size]) & _M32
@@ -237,6 +247,24 @@ class MinHasher:
         large blocks, amortizing numpy's per-call overhead over documents.
         """
         return self._signatures_from_hashes([self._shingle_hashes(t) for t in texts])
+
+
+def load_rensa() -> Any:
+    """The rensa module; ImportError with the install command when it is missing."""
+    try:
+        import rensa
+    except ImportError as e:
+        raise ImportError(f"dedup.minhash.hash_family: rensa needs the rensa package (pip install 'smelt[rensa]'): "
+                          f"{e}") from None
+    return rensa
+
+
+def rensa_version() -> tuple[str, int]:
+    """(package version, RMinHash.ALGORITHM_VERSION): the signatures change with the latter, so a
+    stage's key holds it and a resumed stage never mixes two algorithms."""
+    from importlib.metadata import version
+
+    return version("rensa"), int(load_rensa().RMinHash.ALGORITHM_VERSION)
 
 
 def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:

@@ -20,6 +20,7 @@ asks for it, before any work, when it is not installed.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def ensure_ray(cfg: ExecutorConfig, cpus: int | None = None) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.address is not None:
         kwargs["address"] = cfg.address
-    else:
+    elif not os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: ray.init() joins that cluster
         # a Ray instance of this process's own, even when another one runs on the machine (which
         # ray.init() without an address would join, refusing num_cpus)
         kwargs["address"] = "local"
