@@ -322,3 +322,23 @@ def test_a_killed_driver_resumes_from_the_markers(tmp_path) -> None:
     subprocess.run(cmd + ["local"], env=env, check=True, capture_output=True)
     assert _digest(tmp_path / "ray" / "r" / "data") == _digest(tmp_path / "local" / "r" / "data")
     assert not (tmp_path / "ray" / "r" / "data.prev-1").exists()  # resumed in place, not started over
+
+
+def _record_node(out_dir: str) -> None:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    (Path(out_dir) / node).write_text(node, encoding="utf-8")
+
+
+def test_on_every_node_runs_once_on_each_node(tmp_path, cluster) -> None:
+    """What drops each node's stage copy of _work after a stage on a store: one pinned task per node."""
+    import functools
+
+    from smelt.data.executor.ray_tasks import drop_local, on_every_node
+
+    assert on_every_node(functools.partial(_record_node, str(tmp_path))) == 2
+    assert len(list(tmp_path.iterdir())) == 2  # both nodes of the test cluster, once each
+    (tmp_path / "w" / "x").mkdir(parents=True)
+    on_every_node(functools.partial(drop_local, str(tmp_path / "w")))
+    assert not (tmp_path / "w").exists()

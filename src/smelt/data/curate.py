@@ -1253,6 +1253,10 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
 
     try:
         stats = _run_phases(cfg, plan, data_dir, work, cfg_json, n_tasks, phase, timings)
+        if on_ray and mirror is not None:  # every node's stage copy of _work: the store keeps the truth
+            from smelt.data.executor.ray_tasks import drop_local, on_every_node
+
+            on_every_node(functools.partial(drop_local, str(work.absolute())))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

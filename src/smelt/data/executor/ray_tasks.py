@@ -73,6 +73,32 @@ def _call(fn: Callable[[int], dict[str, Any]], index: int) -> dict[str, Any]:
     return fn(index)
 
 
+def _call0(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def on_every_node(fn: Callable[[], Any]) -> int:
+    """Run `fn()` once on every live node of the Ray cluster (pinned there, no CPU reserved, so it
+    runs beside busy tasks); returns the number of nodes. What a run directory on a store needs at
+    the end of a stage: each node's own copy of the intermediates is dropped (the store's copy is
+    gone already), so that node disks do not fill up run after run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    remote = ray.remote(_call0)
+    ray.get([remote.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nid, soft=False))
+             .remote(fn) for nid in nodes])
+    return len(nodes)
+
+
+def drop_local(path: str) -> None:
+    """Remove this machine's copy of `path` (a directory), if any: not the store's."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def run_tasks_ray(fn: Callable[[int], dict[str, Any]], n_tasks: int, done_dir: Path, cfg: ExecutorConfig,
                   on_done: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Run `fn(i)` for every i in range(n_tasks) without a marker, as Ray tasks; return all results
