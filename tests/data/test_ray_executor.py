@@ -219,6 +219,20 @@ def test_pack_on_ray_writes_the_same_shards(tmp_path, cluster, monkeypatch) -> N
     assert on_ray["parallelism"] == "ray" and on_ray["tasks"] == local["tasks"] > 3
     assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local") != {}
     assert on_ray["domains"] == local["domains"]
+    # and with the run directory on a (file://) store: assemble tasks upload, the driver checks them there
+    from smelt.config import parse_recipe
+    from smelt.fsutil import activate_mirror
+    from smelt.run import use_store
+
+    monkeypatch.setenv("SMELT_STAGE_DIR", str(tmp_path / "stage"))
+    r = parse_recipe({"name": "p", "runs_dir": f"file://{tmp_path}/bucket"})
+    use_store(r, ["pack"])
+    try:
+        pack.pack_tokens(ray_cfg, tok, corpus, r.run_dir / "tokens", seed=3, workers=2, slice_bytes=3000)
+    finally:
+        activate_mirror(None)
+    assert shard_bytes(tmp_path / "bucket" / "p" / "tokens") == shard_bytes(tmp_path / "local")
+    assert not (tmp_path / "bucket" / "p" / "tokens" / "_work").exists()
 
 
 _DRIVER = '''

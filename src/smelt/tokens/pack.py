@@ -108,7 +108,17 @@ import numpy as np
 import xxhash
 
 from smelt.data.executor.local import default_workers, make_pool, marker_path, run_tasks
-from smelt.fsutil import atomic_open, atomic_write_json, locked, mirrored, move_aside, read_json, remove_path, staged
+from smelt.fsutil import (
+    active_mirror,
+    atomic_open,
+    atomic_write_json,
+    locked,
+    mirrored,
+    move_aside,
+    read_json,
+    remove_path,
+    staged,
+)
 from smelt.tokens.shards import HEADER_BYTES, dtype_for_vocab, open_shard, write_shard
 
 if TYPE_CHECKING:  # workers never import the recipe schema (pydantic: ~0.1 s per process start)
@@ -732,8 +742,8 @@ def _shard_files_ok(out_dir: Path, manifest: dict[str, Any]) -> bool:
             for name, n_tok, n_doc in zip(s["shards"], s["shard_tokens"], s["shard_docs"], strict=True):
                 base = out_dir / domain / name
                 try:
-                    if (base.with_suffix(".bin").stat().st_size != HEADER_BYTES + n_tok * width
-                            or base.with_suffix(".idx").stat().st_size != HEADER_BYTES + 8 * n_doc):
+                    if (staged(base.with_suffix(".bin")).stat().st_size != HEADER_BYTES + n_tok * width
+                            or staged(base.with_suffix(".idx")).stat().st_size != HEADER_BYTES + 8 * n_doc):
                         return False
                 except OSError:
                     return False
@@ -1127,9 +1137,10 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
             def shard_ok(j: int, r: dict[str, Any]) -> bool:
                 base = out_dir / shards[j]["domain"] / shards[j]["name"]
                 try:
+                    # staged: on a store, a shard an assemble task wrote on another node
                     return (r["tokens"] == shards[j]["tokens"]
-                            and base.with_suffix(".bin").stat().st_size == HEADER_BYTES + r["tokens"] * width
-                            and base.with_suffix(".idx").stat().st_size == HEADER_BYTES + 8 * r["docs"])
+                            and staged(base.with_suffix(".bin")).stat().st_size == HEADER_BYTES + r["tokens"] * width
+                            and staged(base.with_suffix(".idx")).stat().st_size == HEADER_BYTES + 8 * r["docs"])
                 except OSError:
                     return False
 
@@ -1137,6 +1148,10 @@ def pack_tokens(cfg: PackConfig, tokenizer_path: Path, shard_files: dict[str, li
                          len(shards), work / "assemble.done", n_workers if asm_pool else 1, shard_ok, progress,
                          asm_pool, ray_cfg=asm_ray)
         timings["assemble"] = round(time.perf_counter() - ts, 3)
+        if on_ray and active_mirror() is not None:  # every node's stage copy of _work: the store keeps the truth
+            from smelt.data.executor.ray_tasks import drop_local, on_every_node
+
+            on_every_node(functools.partial(drop_local, str(work.absolute())))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
