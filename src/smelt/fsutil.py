@@ -273,6 +273,12 @@ def url_protocol(url: str) -> str:
     return url.split("://", 1)[0].lower()
 
 
+def stage_base() -> Path:
+    """Where this machine keeps local copies of remote things: ``$SMELT_STAGE_DIR``, default
+    ``~/.cache/smelt/stage``."""
+    return Path(os.environ.get("SMELT_STAGE_DIR") or Path.home() / ".cache" / "smelt" / "stage")
+
+
 def stage_root(runs_url: str) -> Path:
     """The local directory that stands for the remote ``runs_url`` on this machine:
     ``$SMELT_STAGE_DIR`` (default ``~/.cache/smelt/stage``) / a hash of the URL. The same path on
@@ -280,8 +286,7 @@ def stage_root(runs_url: str) -> Path:
     by path hold on every node."""
     import hashlib
 
-    base = Path(os.environ.get("SMELT_STAGE_DIR") or Path.home() / ".cache" / "smelt" / "stage")
-    return base / hashlib.sha256(runs_url.rstrip("/").encode()).hexdigest()[:16]
+    return stage_base() / hashlib.sha256(runs_url.rstrip("/").encode()).hexdigest()[:16]
 
 
 class RunMirror:
@@ -360,19 +365,19 @@ class RunMirror:
         stamp = _store_us(info)
         return st.st_size == int(info.get("size") or 0) and (stamp is None or st.st_mtime_ns // 1000 == stamp)
 
-    def fetch(self, path: str | Path, refresh: bool = False) -> bool:
+    def fetch(self, path: str | Path) -> bool:
         """Make the local copy of `path` (a file) the store's: kept when it matches (size and
         modification time), downloaded when missing or different, removed when the store has no
-        such file. True when the file exists afterwards. `refresh`: download even if it matches."""
+        such file. True when the file exists afterwards."""
         path = Path(path).absolute()
-        if not refresh and str(path) in self._fresh and path.is_file():
+        if str(path) in self._fresh and path.is_file():
             return True
         info = self._info(self.key(path))
         if info is None:
             path.unlink(missing_ok=True)  # a leftover: the store is what is true
             self._fresh.discard(str(path))
             return False
-        if refresh or not self._matches(path, info):
+        if not self._matches(path, info):
             self._download(path, info)
         self._fresh.add(str(path))
         return True
@@ -390,10 +395,6 @@ class RunMirror:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-
-    def refresh(self, path: str | Path) -> bool:
-        """`fetch`: for the small files that say what is done (manifests, plans, run state)."""
-        return self.fetch(path)
 
     def upload(self, path: str | Path) -> None:
         key = self.key(path)
@@ -432,7 +433,7 @@ class RunMirror:
                 out[p[len(key) + 1:]] = info
         return out
 
-    def pull(self, directory: str | Path, refresh: bool = False) -> int:
+    def pull(self, directory: str | Path) -> int:
         """Make the local `directory` the store's: download the files this machine lacks or holds
         in another version, remove local files the store does not have (leftovers of an earlier
         run; temp files are left to their writers). Returns how many were downloaded."""
@@ -442,7 +443,7 @@ class RunMirror:
         n = 0
         for rel, info in remote.items():
             local = directory / rel
-            if refresh or not self._matches(local, info):
+            if not self._matches(local, info):
                 self._download(local, info)
                 n += 1
             self._fresh.add(str(local))
@@ -553,11 +554,11 @@ def staged(path: str | Path) -> Path:
     return path
 
 
-def pull(directory: str | Path, refresh: bool = False) -> None:
+def pull(directory: str | Path) -> None:
     """`RunMirror.pull` when a mirrored run directory covers `directory`; else nothing."""
     m = _MIRROR
     if m is not None and m.covers(directory):
-        m.pull(directory, refresh=refresh)
+        m.pull(directory)
 
 
 class Mirrored:

@@ -165,13 +165,12 @@ def use_store(recipe: Recipe, stages: list[str] | tuple[str, ...]) -> RunMirror 
         raise RecipeError(str(e)) from None
     activate_mirror(m)
     run_dir = recipe.run_dir
-    m.refresh(run_dir / "run.json")
+    m.fetch(run_dir / "run.json")  # read by plain path (RunState.load)
+    # read by plain paths too (the tokenizer's up-to-date check, pack's shard checks)
     if "tokenizer" in stages or "pack" in stages:
         m.pull(run_dir / "tokenizer")
-        m.refresh(run_dir / "tokenizer" / "stats.json")
     if "pack" in stages:
         m.pull(run_dir / "tokens")
-        m.refresh(run_dir / "tokens" / "manifest.json")
     log.info("run directory %s (working copy %s)", url, run_dir)
     return m
 

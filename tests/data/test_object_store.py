@@ -17,9 +17,9 @@ import pytest
 import smelt.data.curate as curate
 from smelt.cli import main
 from smelt.config import RecipeError, parse_recipe
-from smelt.data.synth import generate
 from smelt.fsutil import LOCK_FILE, RunDirLocked, RunMirror, activate_mirror, run_lock
 from smelt.run import use_store
+from tests.data import write_synth_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -33,13 +33,7 @@ def stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo generator's web pages (exact and near duplicates included) in four files."""
-    inp = tmp_path_factory.mktemp("corpus")
-    docs = list(generate(240, seed=3))
-    for f in range(4):
-        with open(inp / f"part-{f}.jsonl", "w", encoding="utf-8") as fh:
-            for d in docs[f::4]:
-                fh.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
-    return inp
+    return write_synth_corpus(tmp_path_factory.mktemp("corpus"), 240, seed=3, files=4)
 
 
 def _recipe(runs_dir: str, inp: Path, workers: int = 1, **data: object):

@@ -19,6 +19,7 @@ from smelt.data.document import Document
 from smelt.data.pipeline import Filter
 from smelt.data.steps.registry import StepContext, register_step, unregister_step
 from smelt.data.synth import generate
+from tests.data import write_synth_corpus
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -78,13 +79,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """The demo generator's web pages (exact and near duplicates included) in four files."""
-    inp = tmp_path_factory.mktemp("corpus")
-    docs = list(generate(240, seed=3))
-    for f in range(4):
-        with open(inp / f"part-{f}.jsonl", "w", encoding="utf-8") as fh:
-            for d in docs[f::4]:
-                fh.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
-    return inp
+    return write_synth_corpus(tmp_path_factory.mktemp("corpus"), 240, seed=3, files=4)
 
 
 def _recipe(root: Path, inp: Path, executor: dict, steps: list | None = None, name: str = "r"):

@@ -14,19 +14,13 @@ import pytest
 from smelt.config import RecipeError, parse_recipe
 from smelt.data.curate import run_data_stage
 from smelt.data.dedup.minhash import SENTINEL, band_keys
-from smelt.data.synth import generate
+from tests.data import write_synth_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """The demo generator's pages (exact and near duplicates planted), in five files."""
-    inp = tmp_path_factory.mktemp("corpus")
-    docs = list(generate(300, seed=11))
-    for f in range(5):
-        with open(inp / f"part-{f}.jsonl", "w", encoding="utf-8") as fh:
-            for d in docs[f::5]:
-                fh.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
-    return inp
+    return write_synth_corpus(tmp_path_factory.mktemp("corpus"), 300, seed=11, files=5)
 
 
 def _run(root: Path, inp: Path, sharded: bool, verify: float | None, workers: int = 2,

@@ -1016,10 +1016,9 @@ def write_task(g: int, *, cfg_json: str, data_dir: str, groups: tuple[int, ...] 
     kept_docs: Counter = Counter()
     dup_docs: Counter = Counter()
     n_rejects = 0
-    result = {"task": g, "kept_docs": kept_docs, "kept_bytes": kept_bytes, "kept_chars": kept_chars,
-              "duplicates": dup_docs, "line_rejects": 0, "line_dedup": line_stats.to_dict()}
-    if not dedup and len(members) == 1:
-        return {**result, "kept_docs": {}, "kept_bytes": {}, "kept_chars": {}, "duplicates": {}}  # written by filter
+    if not dedup and len(members) == 1:  # a whole file without dedup: the filter phase wrote its shards
+        return {"task": g, "kept_docs": {}, "kept_bytes": {}, "kept_chars": {}, "duplicates": {}, "line_rejects": 0,
+                "line_dedup": line_stats.to_dict()}
     if len(members) > 1:  # the parts' filter-phase rejects, in order, as one task would have written them
         with ShardWriter(out / "rejects" / f"filter-{g:05d}{sfx}", fmt) as fw:
             for ti in members:
@@ -1197,10 +1196,8 @@ def run_data_stage(cfg: DataConfig, run_dir: Path, workers: int | None = None,
     progress = progress or Progress()
     data_dir = run_dir / "data"
     mirror = active_mirror()
+    # with a store, every read below goes through `staged`: the store decides what is done
     mirror = mirror if mirror is not None and mirror.covers(data_dir) else None
-    if mirror is not None:  # the store decides what is done, not this machine's copy of it
-        for p in (data_dir / "manifest.json", data_dir / "stats.json", data_dir / WORK / "plan.json"):
-            mirror.refresh(p)
     plan = plan_tasks(cfg)  # input errors surface here, before any work
     key = stage_key(cfg, plan)
     manifest_path = data_dir / "manifest.json"

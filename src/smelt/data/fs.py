@@ -131,7 +131,9 @@ def local_copy(url: str) -> Path:
     except Exception as e:  # noqa: BLE001 - network and credential errors of any fsspec backend
         raise remote_error(url, e) from None
     stamp = f"{url}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('created')}"
-    base = Path(os.environ.get("SMELT_STAGE_DIR") or Path.home() / ".cache" / "smelt" / "stage") / "downloads"
+    from smelt.fsutil import stage_base
+
+    base = stage_base() / "downloads"
     dest = base / hashlib.sha256(stamp.encode()).hexdigest()[:16] / path.rstrip("/").rsplit("/", 1)[-1]
     if dest.exists():
         return dest
